@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything raised as a `UserError` is a mistake the user can fix (a config key,
+a data file, a shape).  The command line catches it, prints the message on one
+line prefixed with ``error:`` and exits with status 2, without a traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message says what and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config key is unknown, has the wrong type or an impossible value."""
+
+
+class DataError(UserError):
+    """A data or tokenizer file is missing, empty or unreadable."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be resumed with the given config."""

@@ -1,0 +1,111 @@
+"""The language model shared by every architecture.
+
+    tokens -> embed -> [norm -> token mixer -> + -> norm -> channel mixer -> +] x L
+           -> norm -> logits
+
+The architecture is chosen by two config keys:
+
+  ``model.mixer``  token mixer: ``attention`` (Transformer++), ``titans_lmm``,
+                   ``titans_mag``, ``titans_mac``, ``titans_mal`` (Titans),
+                   ``self_modifying`` (Hope's self-modifying Titans);
+  ``model.mlp``    channel mixer: ``swiglu`` (a frozen MLP) or ``cms``
+                   (Continuum Memory System).
+
+Transformer++ = attention + swiglu, Titans = titans_* + swiglu,
+Hope = self_modifying + cms, Hope-Attention = attention + cms.
+
+Every mixer is an ``nnx.Module`` built as ``Cls(cfg, rngs=rngs)`` from the
+``config.model`` ConfigDict and called as ``y, state = mixer(x, state)``:
+``state`` is the in-context memory (``None`` at the start of a sequence), so a
+long document can be processed segment by segment.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nl_jax.errors import ConfigError
+from nl_jax.models.layers import Dense, RMSNorm, SwiGLU, param
+from nl_jax.sharding import constrain
+
+MIXERS = {
+    "attention": "nl_jax.models.attention:CausalSelfAttention",
+    "titans_lmm": "nl_jax.models.titans:NeuralMemoryMixer",
+    "titans_mag": "nl_jax.models.titans:MemoryAsGate",
+    "titans_mac": "nl_jax.models.titans:MemoryAsContext",
+    "titans_mal": "nl_jax.models.titans:MemoryAsLayer",
+    "self_modifying": "nl_jax.models.self_modifying:SelfModifyingTitans",
+}
+MLPS = {
+    "swiglu": "nl_jax.models.lm:swiglu_from_config",
+    "cms": "nl_jax.models.cms:ContinuumMemory",
+}
+
+
+def swiglu_from_config(cfg, *, rngs: nnx.Rngs) -> SwiGLU:
+    return SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=jnp.dtype(cfg.dtype))
+
+
+def _resolve(table: dict[str, str], key: str, name: str):
+    if name not in table:
+        raise ConfigError(f"model.{key}={name!r} is not known; choose one of "
+                          f"{sorted(table)}")
+    module, attr = table[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: token mixer then channel mixer."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = _resolve(MIXERS, "mixer", cfg.mixer)(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = _resolve(MLPS, "mlp", cfg.mlp)(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, state: Any = None):
+        mixer_state, mlp_state = state if state is not None else (None, None)
+        y, mixer_state = self.mixer(self.mixer_norm(x), mixer_state)
+        x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
+        y, mlp_state = self.mlp(self.mlp_norm(x), mlp_state)
+        x = constrain(x + y.astype(x.dtype), ("batch", "length", "embed"))
+        return x, (mixer_state, mlp_state)
+
+
+class LanguageModel(nnx.Module):
+    """Decoder-only LM; ``logits, state = model(tokens, state)``."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.embed = param(rngs, nnx.initializers.normal(cfg.init_std),
+                           (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.unembed = None if cfg.tie_embeddings else Dense(
+            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
+            dtype=self.dtype)
+
+    def __call__(self, tokens: jax.Array, state: Any = None):
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        states = state if state is not None else (None,) * len(self.blocks)
+        new_states = []
+        for block, s in zip(self.blocks, states):
+            x, s = block(x, s)
+            new_states.append(s)
+        x = self.final_norm(x)
+        if self.unembed is None:
+            logits = jnp.dot(x, self.embed[...].astype(self.dtype).T)
+        else:
+            logits = self.unembed(x)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits, tuple(new_states)
+
+
+def param_count(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,72 @@
+"""Logical axis names -> mesh axes (MaxText style).
+
+Every parameter carries a tuple of logical axis names (``("embed", "mlp")``)
+in its ``sharding_names`` metadata, and activations are annotated with
+``constrain(x, ("batch", "length", "embed"))``.  A list of rules maps each
+logical name to a mesh axis (or a tuple of mesh axes, or ``None`` for
+replicated).  Rules come from the config (``config.sharding.rules``); the
+trainer installs them with ``use_rules(mesh, rules)``.  Outside that context
+``constrain`` is a no-op, so models run unchanged on one device and in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, Any]]
+
+_CONTEXT: contextvars.ContextVar[tuple[jax.sharding.Mesh, Rules] | None] = (
+    contextvars.ContextVar("nl_jax_sharding", default=None))
+
+
+def logical_to_mesh_spec(axes: Sequence[str | None] | None, rules: Rules,
+                         mesh_axes: Sequence[str] = ()) -> P:
+    """Maps a tuple of logical axis names to a PartitionSpec.
+
+    The first rule that names a logical axis wins.  A mesh axis is used at most
+    once per spec (later dimensions that map to an already used mesh axis are
+    replicated), and mesh axes of size 1 are kept: they cost nothing.
+    """
+    if axes is None:
+        return P()
+    table: dict[str, Any] = {}
+    for name, target in rules:
+        table.setdefault(name, target)
+    used: set[str] = set()
+    out = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        if target is None:
+            out.append(None)
+            continue
+        targets = (target,) if isinstance(target, str) else tuple(target)
+        targets = tuple(t for t in targets if t not in used
+                        and (not mesh_axes or t in mesh_axes))
+        used.update(targets)
+        out.append(targets[0] if len(targets) == 1 else (targets or None))
+    return P(*out)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
+    """Makes ``constrain`` active for code traced inside this context."""
+    token = _CONTEXT.set((mesh, tuple((n, t) for n, t in rules)))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Annotates an activation with logical axes (no-op without rules)."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = logical_to_mesh_spec(axes, rules, mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
