@@ -1,0 +1,74 @@
+"""Base config: every run is this plus a model/levels change plus overrides.
+
+Keys that scripts rely on and that stay stable: train.steps, train.seed,
+data.seq_len, data.batch_size.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.train = dict(
+        steps=300,              # optimizer steps
+        seed=0,
+        log_every=10,           # metrics to JSONL / TensorBoard every N steps
+        eval_every=100,         # held-out evaluation every N steps (0: only at the end)
+        eval_batches=4,
+        checkpoint_every=100,   # async orbax save every N steps (and at the end)
+        keep_checkpoints=3,
+        grad_clip_norm=1.0,     # global-norm clipping before every level (0: off)
+        sample_tokens=64,       # length of the text sample printed at the end
+    )
+
+    c.data = dict(
+        # Paths are relative to the repository (or absolute).
+        train_files=("nl_jax/data/assets/corpus/train/*.txt",),
+        eval_files=("nl_jax/data/assets/corpus/heldout/*.txt",),
+        tokenizer=dict(kind="bpe_json", path="nl_jax/data/assets/tokenizer/bpe_2k.json"),
+        cache_dir="runs/token_cache",
+        seq_len=128,
+        batch_size=16,
+    )
+
+    c.model = dict(
+        mixer="attention",      # see nl_jax/models/lm.py for the choices
+        mlp="swiglu",
+        vocab_size=2048,        # must equal the tokenizer's vocabulary size
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        d_ff=384,
+        tie_embeddings=True,
+        rope_theta=10000.0,
+        attention_window=0,     # 0: full causal attention
+        norm_eps=1e-6,
+        init_std=0.02,
+        dtype="float32",        # compute dtype; parameters stay float32
+    )
+
+    # Outer levels (step clock): regex over parameter paths -> optimizer.
+    c.levels = dict(
+        default=dict(
+            params=".*",
+            every=1,
+            optimizer=dict(
+                name="adamw", learning_rate=3e-3, b1=0.9, b2=0.95,
+                weight_decay=0.1,
+                schedule=dict(name="warmup_cosine", warmup_steps=30, end_factor=0.1),
+            ),
+        ),
+    )
+
+    # Mesh: -1 fills with the remaining devices.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sharding = dict(rules=(
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("memory_heads", "tensor"),
+    ))
+    return c
