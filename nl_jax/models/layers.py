@@ -36,7 +36,7 @@ def param(rngs: nnx.Rngs | None, init: Initializer | jax.Array,
         value = jnp.broadcast_to(jnp.asarray(init, jnp.float32), tuple(shape))
     else:
         value = init(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(value, sharding_names=tuple(axes))
+    return nnx.Param(value, out_sharding=tuple(axes))
 
 
 class Dense(nnx.Module):
@@ -100,7 +100,7 @@ class CausalConv(nnx.Module):
         init = nnx.initializers.normal(1.0 / window)
         w = init(rngs.params(), (window, dim), jnp.float32)
         w = w.at[-1].add(1.0)  # start close to identity
-        self.kernel = nnx.Param(w, sharding_names=("conv_window", axis_name))
+        self.kernel = nnx.Param(w, out_sharding=("conv_window", axis_name))
         self.window = window
 
     def __call__(self, x: jax.Array, state: jax.Array | None = None

@@ -1,0 +1,35 @@
+# The two commands of the README: `make train` and `make test`.  Both install
+# what is missing (a .venv in the repo root, pinned versions from setup.cfg).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: install train test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+# Main job on the bundled default (Hope tiny); extra flags via ARGS="...".
+train: install
+	$(PY) -m nl_jax train $(ARGS)
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: install
+	mkdir -p runs/bench
+	$(PY) -m nl_jax bench memory --json runs/bench/memory.json
+	$(PY) -m nl_jax bench optimizers --json runs/bench/optimizers.json
+
+lint: install
+	$(PY) -m pip install --quiet --disable-pip-version-check ruff==0.17.6
+	$(VENV)/bin/ruff check nl_jax kernels experiments tests
+
+clean:
+	rm -rf runs/token_cache .pytest_cache

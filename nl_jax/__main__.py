@@ -1,0 +1,159 @@
+"""Command line: ``python -m nl_jax <command> [flags]``.
+
+Commands:
+  train      train (or resume) a model: --config FILE[:ARG] --config.KEY=VALUE --workdir DIR
+  eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...]
+  generate   sample text from a workdir's latest checkpoint [--prompt TEXT --tokens N]
+  bench      benchmarks: ``bench memory`` | ``bench optimizers`` (--json PATH)
+  tokenizer  train the bundled byte-level BPE on text files
+
+User mistakes (config keys, data files, incompatible checkpoints) print one
+``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+
+from nl_jax.errors import UserError
+
+USAGE = __doc__
+
+
+def _workdir(args_workdir: str | None, config) -> str:
+    if args_workdir:
+        return args_workdir
+    from nl_jax.config import REPO_ROOT
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{config.model.mixer}-{config.model.mlp}-{stamp}"
+    return os.path.join(REPO_ROOT, "runs", name)
+
+
+def _split_workdir(rest: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--workdir")
+    args, unknown = parser.parse_known_args(rest)
+    return args.workdir, unknown
+
+
+def cmd_train(argv: list[str]) -> int:
+    from nl_jax import config as config_lib
+    config, rest = config_lib.load(argv)
+    workdir, unknown = _split_workdir(rest)
+    if unknown:
+        raise UserError(f"train: unknown arguments {unknown}; use --config, "
+                        f"--config.KEY=VALUE and --workdir")
+    from nl_jax.train.loop import train
+    result = train(config, _workdir(workdir, config))
+    return 130 if result.get("interrupted") else 0
+
+
+def _load_run(argv: list[str], command: str):
+    """(config, workdir, other args) for commands that read a trained workdir."""
+    from nl_jax import config as config_lib
+    spec, overrides, rest = config_lib.parse_overrides(argv)
+    workdir, rest = _split_workdir(rest)
+    if not workdir:
+        raise UserError(f"{command}: --workdir DIR is required (a folder made by "
+                        f"`python -m nl_jax train`)")
+    saved = os.path.join(workdir, "config.json")
+    if spec:
+        config = config_lib.load_config_file(spec)
+    elif os.path.exists(saved):
+        import ml_collections
+        with open(saved, encoding="utf-8") as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    else:
+        raise UserError(f"{command}: {workdir} has no config.json; pass --config too")
+    config = config_lib.apply_overrides(config, overrides)
+    return config, workdir, rest
+
+
+def _restored_trainer(config, workdir: str, command: str):
+    from nl_jax.train.loop import Trainer
+    trainer = Trainer(config, workdir, write_metrics=False)
+    if trainer.maybe_restore() == 0:
+        raise UserError(f"{command}: no checkpoint in {workdir}/checkpoints")
+    return trainer
+
+
+def cmd_eval(argv: list[str]) -> int:
+    config, workdir, rest = _load_run(argv, "eval")
+    parser = argparse.ArgumentParser(prog="nl_jax eval")
+    parser.add_argument("--files", nargs="+", help="held-out text files (globs)")
+    parser.add_argument("--batches", type=int, default=None)
+    args = parser.parse_args(rest)
+    if args.files:
+        config.data.eval_files = tuple(args.files)
+    if args.batches:
+        config.train.eval_batches = args.batches
+    trainer = _restored_trainer(config, workdir, "eval")
+    result = {"step": int(trainer.state["step"]), **trainer.evaluate(),
+              "files": list(config.data.eval_files)}
+    print(json.dumps(result))
+    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    config, workdir, rest = _load_run(argv, "generate")
+    parser = argparse.ArgumentParser(prog="nl_jax generate")
+    parser.add_argument("--prompt", default="The ")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(rest)
+    trainer = _restored_trainer(config, workdir, "generate")
+    from nl_jax.eval.generate import generate
+    print(generate(trainer.model_def, trainer.state["params"], trainer.tokenizer,
+                   prompt=args.prompt, num_tokens=args.tokens,
+                   max_len=config.data.seq_len, temperature=args.temperature,
+                   seed=args.seed))
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("memory", "optimizers"):
+        raise UserError("bench: choose a benchmark: `bench memory` or `bench optimizers`")
+    import importlib
+    module = importlib.import_module(f"nl_jax.bench.{argv[0]}")
+    return module.main(argv[1:])
+
+
+def cmd_tokenizer(argv: list[str]) -> int:
+    from nl_jax.data import tokenizer
+    return tokenizer.main(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+            "bench": cmd_bench, "tokenizer": cmd_tokenizer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command = argv.pop(0)
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "jax", "orbax", "tensorstore", "grain", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[command](argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Load a config file, apply command-line overrides, validate.
+
+A run is ``config file + overrides`` (big_vision style)::
+
+    python -m nl_jax train --config experiments/hope/tiny.py \\
+        --config.train.steps=50 --config.data.batch_size=8
+
+``--config path.py[:arg]`` names a Python file with ``get_config()`` (or
+``get_config(arg)``).  ``--config.a.b=value`` replaces an existing key; the
+value is parsed to the type of the value it replaces.  Every mistake (an
+unknown key, a wrong type, an impossible value) raises ``ConfigError`` with a
+message that names the key and what is allowed; the CLI turns it into exit 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from nl_jax.errors import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join("experiments", "hope", "tiny.py")
+FALLBACK_CONFIG = os.path.join("experiments", "transformer", "tiny.py")
+
+
+def default_config_path() -> str:
+    """The README's default: Hope tiny (Transformer++ tiny until Hope exists)."""
+    path = os.path.join(REPO_ROOT, DEFAULT_CONFIG)
+    return path if os.path.exists(path) else os.path.join(REPO_ROOT, FALLBACK_CONFIG)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path.py`` or ``path.py:arg`` and calls its ``get_config``."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(REPO_ROOT, path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file {spec!r} not found (give a path to a "
+                          f"Python file with get_config(), e.g. {DEFAULT_CONFIG})")
+    module_spec = importlib.util.spec_from_file_location("_nl_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    import sys
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)  # so configs can `from experiments import base`
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: get_config() in {path} must return a "
+                          f"ml_collections.ConfigDict, got {type(config).__name__}")
+    return config
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += _all_keys(v, prefix + k + ".")
+    return keys
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses ``text`` to the type of ``current``."""
+    def literal():
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text!r}: expected a boolean (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            if text == "never":  # a level/period that never updates
+                return text
+            raise ConfigError(f"--config.{key}={text!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text!r}: expected a number") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        value = literal()
+        if isinstance(value, str):
+            value = tuple(s for s in text.split(",") if s)
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return tuple(value)
+    return literal()
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """Applies ``(dotted.key, text)`` overrides in order."""
+    for key, text in overrides:
+        node = config
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:i]) or "the config"
+                known = _all_keys(config)
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                siblings = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ConfigError(f"unknown config key {key!r}{hint} (keys under "
+                                  f"{where}: {', '.join(siblings)})")
+            if i < len(parts) - 1:
+                node = node[part]
+        leaf = parts[-1]
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key} is a group of keys "
+                              f"({', '.join(sorted(current.keys()))}); set one of them")
+        value = _parse_value(key, text, current)
+        _set_value(config, parts, value)
+    return config
+
+
+def _set_value(config: ml_collections.ConfigDict, parts: list[str], value: Any) -> None:
+    """Sets a key, allowing a change of type (e.g. an int period -> "never")."""
+    node = config
+    for part in parts[:-1]:
+        node = node[part]
+    try:
+        with node.unlocked():
+            node[parts[-1]] = value
+    except TypeError:
+        # ConfigDict is type-safe; rebuild the enclosing group with the new value.
+        group = node.to_dict()
+        group[parts[-1]] = value
+        if len(parts) == 1:
+            raise ConfigError(f"--config.{parts[0]}: cannot change the type of a "
+                              f"top-level key") from None
+        _set_value(config, parts[:-1], ml_collections.ConfigDict(group))
+
+
+def parse_overrides(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+    """Splits argv into (--config spec, [--config.key=value], other args)."""
+    spec, overrides, rest = None, [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            spec = next(it, None)
+            if spec is None:
+                raise ConfigError("--config needs a path, e.g. --config experiments/hope/tiny.py")
+        elif arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            body = arg[len("--config."):]
+            if "=" in body:
+                key, text = body.split("=", 1)
+            else:
+                key, text = body, next(it, None)
+                if text is None:
+                    raise ConfigError(f"--config.{key} needs a value (--config.{key}=VALUE)")
+            overrides.append((key, text))
+        else:
+            rest.append(arg)
+    return spec, overrides, rest
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key {key}: {message}")
+
+
+def _positive_int(config, key: str) -> int:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    _require(isinstance(node, int) and not isinstance(node, bool) and node > 0, key,
+             f"must be a positive integer, got {node!r}")
+    return node
+
+
+def resolve_mesh_shape(mesh_cfg, device_count: int) -> dict[str, int]:
+    """Fills one ``-1`` axis; the product must equal the device count."""
+    shape = dict(mesh_cfg)
+    for name, size in shape.items():
+        _require(isinstance(size, int) and (size > 0 or size == -1), f"mesh.{name}",
+                 f"must be a positive integer or -1 (fill), got {size!r}")
+    fill = [n for n, s in shape.items() if s == -1]
+    _require(len(fill) <= 1, "mesh", f"at most one axis may be -1, got {fill}")
+    known = math.prod(s for s in shape.values() if s != -1)
+    if fill:
+        _require(device_count % known == 0, f"mesh.{fill[0]}",
+                 f"cannot fill: {device_count} devices are not divisible by the "
+                 f"product {known} of the other axes")
+        shape[fill[0]] = device_count // known
+    _require(math.prod(shape.values()) == device_count, "mesh",
+             f"shape {shape} uses {math.prod(shape.values())} devices but "
+             f"{device_count} are available; make the product equal {device_count} "
+             f"or set one axis to -1")
+    return shape
+
+
+def seq_len_divisors(config) -> list[tuple[str, int]]:
+    """Config keys whose value must divide data.seq_len (chunk/segment sizes)."""
+    found = []
+    model = config.model
+    for group, keys in (("memory", ("chunk_size", "segment_len")),
+                        ("self_modifying", ("chunk_size", "memory_chunk_size", "chunk_size_memory"))):
+        if group in model and isinstance(model[group], ml_collections.ConfigDict):
+            for k in keys:
+                v = model[group].get(k)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    found.append((f"model.{group}.{k}", v))
+    return found
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
+             process_count: int = 1) -> ml_collections.ConfigDict:
+    """Checks values that are impossible; raises ConfigError naming the key."""
+    for key in ("train.steps", "train.log_every", "data.seq_len", "data.batch_size",
+                "model.d_model", "model.n_layers", "model.n_heads", "model.vocab_size",
+                "train.keep_checkpoints"):
+        _positive_int(config, key)
+    _require(isinstance(config.train.seed, int), "train.seed", "must be an integer")
+    for key in ("eval_every", "checkpoint_every", "eval_batches", "sample_tokens"):
+        v = config.train[key]
+        _require(isinstance(v, int) and v >= 0, f"train.{key}",
+                 f"must be an integer >= 0, got {v!r}")
+    m = config.model
+    _require(m.d_model % m.n_heads == 0, "model.n_heads",
+             f"must divide model.d_model={m.d_model}, got {m.n_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+             f"head dim d_model/n_heads={m.d_model // m.n_heads} must be even (RoPE)")
+    _require(m.dtype in ("float32", "bfloat16"), "model.dtype",
+             f"must be 'float32' or 'bfloat16', got {m.dtype!r}")
+    seq_len = config.data.seq_len
+    for key, v in seq_len_divisors(config):
+        _require(v > 0 and seq_len % v == 0, key,
+                 f"must be a positive divisor of data.seq_len={seq_len}, got {v} "
+                 f"(change data.seq_len or {key})")
+    if device_count is not None:
+        shape = resolve_mesh_shape(config.mesh, device_count)
+        data_parallel = shape.get("data", 1) * shape.get("fsdp", 1)
+        _require(config.data.batch_size % data_parallel == 0, "data.batch_size",
+                 f"{config.data.batch_size} must be divisible by the data-parallel "
+                 f"size mesh.data*mesh.fsdp={data_parallel}")
+    _require(config.data.batch_size % process_count == 0, "data.batch_size",
+             f"must be divisible by the number of processes ({process_count})")
+    return config
+
+
+def load(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Config from ``--config`` and ``--config.*`` flags; returns (config, other args)."""
+    spec, overrides, rest = parse_overrides(argv)
+    config = load_config_file(spec or default_config_path())
+    config = apply_overrides(config, overrides)
+    config.lock()
+    return config, rest

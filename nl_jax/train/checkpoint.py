@@ -1,0 +1,99 @@
+"""Orbax checkpoints: train state, data iterator state and resolved config.
+
+Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``.  Saves are async
+(``CheckpointManager``), the last ``keep`` are kept.  A workdir that holds a
+checkpoint resumes from its latest step; resuming with a config whose model,
+levels or data pipeline differ is refused with a message naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nl_jax.errors import CheckpointError
+
+# Config groups whose change makes a checkpoint unusable (shapes, optimizer
+# state structure, token stream).  Other keys (steps, logging) may change.
+RESUME_KEYS = ("model", "levels", "data.seq_len", "data.batch_size", "data.tokenizer",
+               "data.train_files")
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for k in sorted(set(saved) | set(current)):
+            out += config_differences(saved.get(k), current.get(k), f"{prefix}{k}.")
+        return out
+    if saved != current:
+        out.append(f"{prefix[:-1]} (checkpoint: {saved!r}, now: {current!r})")
+    return out
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int, config_dict: dict):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.config = _normalise(config_dict)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+        if self.manager.latest_step() == step:
+            return False
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(self.config)), force=force)
+
+    def check_compatible(self, step: int) -> None:
+        saved = self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+        diffs = []
+        for key in RESUME_KEYS:
+            diffs += config_differences(_lookup(saved, key), _lookup(self.config, key),
+                                        key + ".")
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {self.directory} (step {step}): the config "
+                f"differs in {'; '.join(diffs)}. Use the same values, or a new "
+                f"--workdir to start a fresh run.")
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(state: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)

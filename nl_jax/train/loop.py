@@ -1,0 +1,222 @@
+"""The training loop: config -> data + model + levels -> steps -> metrics + checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nl_jax import config as config_lib
+from nl_jax.errors import ConfigError
+from nl_jax.train import checkpoint as ckpt_lib
+from nl_jax.train import metrics as metrics_lib
+from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
+from nl_jax.train.state import abstract_model, count_params, init_train_state
+from nl_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("nl_jax")
+
+
+class Trainer:
+    """Everything a run needs, built once from a validated config."""
+
+    def __init__(self, config, workdir: str, *, devices=None, write_metrics: bool = True):
+        from nl_jax import levels as levels_lib
+        from nl_jax.data.pipeline import build_eval_batches, build_train_iterator
+        from nl_jax.data.tokenizer import load_tokenizer
+
+        self.devices = devices if devices is not None else jax.devices()
+        config_lib.validate(config, len(self.devices), jax.process_count())
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        root = config_lib.REPO_ROOT
+
+        self.tokenizer = load_tokenizer(config.data.tokenizer, root)
+        if self.tokenizer.vocab_size != config.model.vocab_size:
+            raise ConfigError(
+                f"config key model.vocab_size={config.model.vocab_size} does not match "
+                f"the tokenizer {config.data.tokenizer.path} "
+                f"(vocab size {self.tokenizer.vocab_size}); set "
+                f"--config.model.vocab_size={self.tokenizer.vocab_size}")
+
+        self.mesh = make_mesh(config.mesh, self.devices)
+        self.rules = tuple(tuple(r) for r in config.sharding.rules)
+        _, abstract_params = abstract_model(config.model, config.train.seed)
+        self.optimizer = levels_lib.build_levels(
+            config.levels, abstract_params, total_steps=config.train.steps,
+            grad_clip_norm=float(config.train.grad_clip_norm))
+        self.model_def, self.state, self.shardings = init_train_state(
+            config.model, self.optimizer, config.train.seed, self.mesh, self.rules)
+        self.num_params = count_params(self.state["params"])
+
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        step_fn = make_train_step(self.model_def, self.optimizer, self.mesh, self.rules,
+                                  levels_lib.level_metrics)
+        self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
+                                  out_shardings=(self.shardings, replicated(self.mesh)),
+                                  donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.model_def, self.mesh, self.rules),
+                                 in_shardings=(self.shardings["params"], self.batch_sharding))
+
+        self.data = build_train_iterator(
+            config.data, self.tokenizer, seed=config.train.seed, base_dir=root,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        self.eval_batches = (build_eval_batches(config.data, self.tokenizer, base_dir=root,
+                                                num_batches=config.train.eval_batches)
+                             if config.train.eval_batches else [])
+        self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,
+                                                  config.to_dict())
+        self.writer = metrics_lib.MetricsWriter(workdir, enabled=write_metrics)
+        self.resumed_from = None
+
+    # -- pieces -----------------------------------------------------------------
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+                for k, v in batch.items()}
+
+    def maybe_restore(self) -> int:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return 0
+        self.checkpointer.check_compatible(step)
+        abstract = ckpt_lib.abstract_with_shardings(self.state, self.shardings)
+        self.state, data_state = self.checkpointer.restore(step, abstract)
+        self.data.set_state(data_state)
+        self.resumed_from = step
+        return step
+
+    def save(self, force: bool = False) -> None:
+        step = int(self.state["step"])
+        self.checkpointer.save(step, self.state, self.data.get_state(), force=force)
+
+    def evaluate(self) -> dict[str, float]:
+        total, count = 0.0, 0.0
+        for batch in self.eval_batches:
+            s, c = self.eval_step(self.state["params"], self.device_batch(batch))
+            total += float(s)
+            count += float(c)
+        loss = total / max(count, 1.0)
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+                "tokens": int(count)}
+
+    def compile(self) -> None:
+        """Compiles the step once and logs its memory footprint."""
+        batch = self.device_batch(_peek_batch(self.config))
+        compiled = self.train_step.lower(self.state, batch).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            log.info("step memory per device: args %.1f MiB, temp %.1f MiB, out %.1f MiB",
+                     mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
+                     mem.output_size_in_bytes / 2**20)
+        self.train_step = compiled
+
+
+def _peek_batch(config) -> dict[str, np.ndarray]:
+    shape = (config.data.batch_size // jax.process_count(), config.data.seq_len)
+    return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+
+
+def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
+    """Runs (or resumes) a training job; returns the final metrics."""
+    t_start = time.perf_counter()
+    trainer = Trainer(config, workdir, devices=devices)
+    cfg = config.train
+    start = trainer.maybe_restore()
+    progress_print = print
+    progress_print(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
+                   f"{trainer.num_params:,} parameters, mesh "
+                   f"{dict(trainer.mesh.shape)}, workdir {workdir}")
+    if start:
+        progress_print(f"resuming from step {start}")
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2, default=str)
+    trainer.compile()
+
+    interrupted = {"flag": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if interrupted["flag"]:
+            raise KeyboardInterrupt
+        interrupted["flag"] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    first_loss = last = None
+    timer, window_steps = metrics_lib.Timer(), 0
+    try:
+        step = start
+        while step < cfg.steps and not interrupted["flag"]:
+            batch = trainer.device_batch(next(trainer.data))
+            trainer.state, metrics = trainer.train_step(trainer.state, batch)
+            step += 1
+            window_steps += 1
+            if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+                m = metrics_lib.to_python(jax.device_get(metrics))
+                dt = timer.lap()
+                m.update(perplexity=float(np.exp(min(m["loss"], 50.0))),
+                         step_ms=1000 * dt / window_steps,
+                         tokens_per_s=tokens_per_step * window_steps / dt)
+                if "lr" not in m:
+                    lrs = [v for k, v in m.items() if k.startswith("lr/")]
+                    if lrs:
+                        m["lr"] = lrs[0]
+                window_steps = 0
+                first_loss = m["loss"] if first_loss is None else first_loss
+                last = m
+                trainer.writer.write(step, "train", m)
+                progress.update(step, m)
+            else:
+                progress.update(step, None)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                ev = trainer.evaluate()
+                trainer.writer.write(step, "eval", ev)
+                progress.write(f"eval step {step}: loss={ev['loss']:.4f} "
+                               f"perplexity={ev['perplexity']:.2f}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                trainer.save()
+    except KeyboardInterrupt:
+        interrupted["flag"] = True
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.close()
+    trainer.save(force=True)
+    trainer.checkpointer.close()
+    step = int(trainer.state["step"])
+    if interrupted["flag"]:
+        print(f"interrupted: checkpoint saved at step {step} in {trainer.checkpointer.directory}")
+        trainer.writer.close()
+        return {"interrupted": True, "step": step}
+
+    final = {"step": step, "train_loss_first": first_loss,
+             "train_loss_last": last["loss"] if last else None,
+             "tokens_per_s": last["tokens_per_s"] if last else None,
+             "num_params": trainer.num_params,
+             "wall_s": time.perf_counter() - t_start}
+    if trainer.eval_batches:
+        ev = trainer.evaluate()
+        trainer.writer.write(step, "eval", ev)
+        final.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
+    trainer.writer.close()
+    metrics_lib.plot_loss_curve(trainer.writer.path, os.path.join(workdir, "loss_curve.png"))
+    if cfg.sample_tokens:
+        from nl_jax.eval.generate import generate
+        final["sample"] = generate(trainer.model_def, trainer.state["params"],
+                                   trainer.tokenizer, prompt="The ",
+                                   num_tokens=cfg.sample_tokens,
+                                   max_len=config.data.seq_len, seed=cfg.seed)
+    with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(final, f, indent=2)
+    print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in final.items() if k != "sample"))
+    if "sample" in final:
+        print("sample: " + final["sample"].replace("\n", " "))
+    return final

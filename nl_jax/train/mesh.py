@@ -1,0 +1,47 @@
+"""Device mesh from config and shardings from logical axis names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from nl_jax.config import resolve_mesh_shape
+from nl_jax.sharding import logical_to_mesh_spec
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A mesh with the config's axes (``data``, ``fsdp``, ``tensor``, ...).
+
+    Axes are ``Auto`` (GSPMD propagation from the in/out shardings and
+    ``with_sharding_constraint``), not the explicit-sharding default of
+    ``jax.make_mesh``.
+    """
+    devices = devices if devices is not None else jax.devices()
+    shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
+                         axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a (pure-dict) param tree, from ``sharding_names``."""
+    specs = nnx.get_partition_spec(abstract_params)
+
+    def to_sharding(leaf):
+        names = getattr(leaf, "out_sharding", None)
+        if names is None:
+            names = getattr(leaf, "sharding_names", None)
+        spec = logical_to_mesh_spec(names, rules, mesh.axis_names) if names else P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), rules, mesh.axis_names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

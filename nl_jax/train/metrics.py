@@ -1,0 +1,124 @@
+"""Metrics sinks: JSONL, TensorBoard, terminal progress, loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def to_python(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        out[k] = v.item() if v.dtype.kind != "f" else float(v)
+    return out
+
+
+class MetricsWriter:
+    """Writes each record to ``metrics.jsonl`` and TensorBoard event files."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **to_python(metrics)}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for k, v in record.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, every: int):
+        self.every = every
+        self.tty = sys.stdout.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict[str, float] | None) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                     tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
+        elif metrics:
+            print(format_line(step, metrics), flush=True)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_line(step: int, metrics: dict[str, float]) -> str:
+    keys = ("loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_ms")
+    parts = [f"step {step}"]
+    for k in keys:
+        if k in metrics:
+            v = metrics[k]
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def plot_loss_curve(metrics_path: str, out_path: str) -> None:
+    """Train and eval loss against step, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list, list]] = {}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                xs, ys = series.setdefault(r["split"], ([], []))
+                xs.append(r["step"])
+                ys.append(r["loss"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, marker="o" if split != "train" else None, label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+class Timer:
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
