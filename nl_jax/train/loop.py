@@ -69,7 +69,9 @@ class Trainer:
             config.data, self.tokenizer, seed=config.train.seed, base_dir=root,
             process_index=jax.process_index(), process_count=jax.process_count())
         self.eval_batches = (build_eval_batches(config.data, self.tokenizer, base_dir=root,
-                                                num_batches=config.train.eval_batches)
+                                                num_batches=config.train.eval_batches,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count())
                              if config.train.eval_batches else [])
         self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,
                                                   config.to_dict())
