@@ -95,5 +95,10 @@ class Checkpointer:
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
+    """ShapeDtypeStructs of ``state`` carrying ``shardings`` (a leaf-order match:
+    the shardings tree is a prefix tree without the ``nnx.Param`` wrappers)."""
+    leaves, treedef = jax.tree.flatten(state)
+    shards = jax.tree.leaves(shardings)
+    assert len(leaves) == len(shards), (len(leaves), len(shards))
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, shards)])
