@@ -104,7 +104,7 @@ def cmd_eval(argv: list[str]) -> int:
 def cmd_generate(argv: list[str]) -> int:
     config, workdir, rest = _load_run(argv, "generate")
     parser = argparse.ArgumentParser(prog="nl_jax generate")
-    parser.add_argument("--prompt", default="The ")
+    parser.add_argument("--prompt", default="The")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,13 @@
+"""Optimizers as optax GradientTransformations, selected by name from configs.
+
+See ``registry`` for the spec format; the transforms themselves live in
+``momentum`` (Eq. 33-34, 46-49), ``dmgd`` (Eq. 50), ``newton_schulz``
+(Eq. 43-44) and ``m3`` (Algorithm 1).
+"""
+
+from nl_jax.optim.newton_schulz import newton_schulz, scale_by_newton_schulz
+from nl_jax.optim.registry import OPTIMIZERS, OptimizerBuilder, build_optimizer
+from nl_jax.optim.schedules import SCHEDULES, build_schedule
+
+__all__ = ["OPTIMIZERS", "OptimizerBuilder", "build_optimizer", "SCHEDULES",
+           "build_schedule", "newton_schulz", "scale_by_newton_schulz"]

@@ -212,7 +212,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     if cfg.sample_tokens:
         from nl_jax.eval.generate import generate
         final["sample"] = generate(trainer.model_def, trainer.state["params"],
-                                   trainer.tokenizer, prompt="The ",
+                                   trainer.tokenizer, prompt="The",
                                    num_tokens=cfg.sample_tokens,
                                    max_len=config.data.seq_len, seed=cfg.seed)
     with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:

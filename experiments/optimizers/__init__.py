@@ -1,0 +1,1 @@
+"""Optimizer swaps: configs that differ from ``experiments/base.py`` only in ``levels``."""
