@@ -5,6 +5,8 @@ Commands:
   eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...]
   generate   sample text from a workdir's latest checkpoint [--prompt TEXT --tokens N]
   bench      benchmarks: ``bench memory`` | ``bench optimizers`` (--json PATH)
+  aot        pre-flight: compile the train step for a TPU slice (--topology v5p:4x4x8)
+             and report per-chip memory; needs the tpu extra (libtpu)
   tokenizer  train the bundled byte-level BPE on text files
 
 User mistakes (config keys, data files, incompatible checkpoints) print one
@@ -126,13 +128,18 @@ def cmd_bench(argv: list[str]) -> int:
     return module.main(argv[1:])
 
 
+def cmd_aot(argv: list[str]) -> int:
+    from nl_jax.train import aot
+    return aot.main(argv)
+
+
 def cmd_tokenizer(argv: list[str]) -> int:
     from nl_jax.data import tokenizer
     return tokenizer.main(argv)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "bench": cmd_bench, "tokenizer": cmd_tokenizer}
+            "bench": cmd_bench, "aot": cmd_aot, "tokenizer": cmd_tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,24 +43,35 @@ def abstract_model(model_cfg, seed: int = 0):
     return ModelDef(graphdef, rest), params
 
 
-def init_train_state(model_cfg, optimizer: optax.GradientTransformation,
-                     seed: int, mesh: Mesh, rules) -> tuple[ModelDef, dict, dict]:
-    """Returns (model_def, state, state_shardings); state lives sharded on mesh."""
-    model_def, abstract_params = abstract_model(model_cfg, seed)
-    p_shard = param_shardings(abstract_params, mesh, rules)
-
+def _init_fn(model_cfg, optimizer: optax.GradientTransformation, seed: int):
     def init():
         model = build_model(model_cfg, seed)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "opt_state": optimizer.init(params)}
         return state, rest
+    return init
 
-    abstract_state, abstract_rest = jax.eval_shape(init)
+
+def train_state_shardings(model_cfg, optimizer: optax.GradientTransformation,
+                          seed: int, mesh: Mesh, rules):
+    """(model_def, abstract state, state shardings, rest shardings); allocates nothing."""
+    model_def, abstract_params = abstract_model(model_cfg, seed)
+    p_shard = param_shardings(abstract_params, mesh, rules)
+    abstract_state, abstract_rest = jax.eval_shape(_init_fn(model_cfg, optimizer, seed))
     opt_shard = opt_state_shardings(abstract_state["opt_state"], abstract_params,
                                     p_shard, mesh)
     shardings = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
     rest_shard = jax.tree.map(lambda _: replicated(mesh), abstract_rest)
+    return model_def, abstract_state, shardings, rest_shard
+
+
+def init_train_state(model_cfg, optimizer: optax.GradientTransformation,
+                     seed: int, mesh: Mesh, rules) -> tuple[ModelDef, dict, dict]:
+    """Returns (model_def, state, state_shardings); state lives sharded on mesh."""
+    model_def, _, shardings, rest_shard = train_state_shardings(
+        model_cfg, optimizer, seed, mesh, rules)
+    init = _init_fn(model_cfg, optimizer, seed)
     state, rest = jax.jit(init, out_shardings=(shardings, rest_shard))()
     return ModelDef(model_def.graphdef, rest), state, shardings
 

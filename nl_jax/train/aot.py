@@ -1,0 +1,103 @@
+"""Pre-flight: compile the real pod job on this machine, before paying for the pod.
+
+``python -m nl_jax aot --config experiments/hope/760m.py --topology v5p:4x4x8``
+describes a TPU slice with libtpu (``pip install -e '.[tpu]'``), builds the
+mesh over its devices, derives the sharded train state abstractly (nothing is
+allocated), lowers and compiles the jitted train step for it and reports the
+per-chip memory from XLA's memory analysis against the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from nl_jax import config as config_lib
+from nl_jax.errors import UserError
+
+# HBM per chip in GiB, by device_kind prefix.
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95,
+           "TPU v6 lite": 32, "TPU v6e": 32}
+
+
+def topology_devices(topology: str):
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+        from jax.experimental import topologies
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # noqa: BLE001 - libtpu raises several kinds
+        raise UserError(f"aot: cannot describe TPU topology {topology!r} ({e}). Install "
+                        f"the TPU extra (pip install -e '.[tpu]') and give a name like "
+                        f"v5p:2x2x1 or v5e:4x4") from None
+    return topo.devices
+
+
+def preflight(config, topology: str) -> dict[str, Any]:
+    from nl_jax import levels as levels_lib
+    from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
+    from nl_jax.train.state import abstract_model, train_state_shardings
+    from nl_jax.train.step import make_train_step
+
+    devices = topology_devices(topology)
+    config_lib.validate(config, len(devices))
+    mesh = make_mesh(config.mesh, devices)
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    _, abstract_params = abstract_model(config.model, config.train.seed)
+    optimizer = levels_lib.build_levels(config.levels, abstract_params,
+                                        total_steps=config.train.steps,
+                                        grad_clip_norm=float(config.train.grad_clip_norm))
+    model_def, abstract_state, shardings, _ = train_state_shardings(
+        config.model, optimizer, config.train.seed, mesh, rules)
+    from nl_jax.train.checkpoint import abstract_with_shardings
+    state = abstract_with_shardings(abstract_state, shardings)
+    b_shard = batch_sharding(mesh, rules)
+    shape = (config.data.batch_size, config.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=b_shard)
+             for k in ("inputs", "targets")}
+    step = jax.jit(make_train_step(model_def, optimizer, mesh, rules, levels_lib.level_metrics),
+                   in_shardings=(shardings, b_shard),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    compiled = step.lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    kind = devices[0].device_kind
+    hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
+                if kind.startswith(k)), None)
+    gib = lambda b: b / 2**30
+    per_chip = gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return {"topology": topology, "device_kind": kind, "chips": len(devices),
+            "mesh": dict(mesh.shape), "params": n_params,
+            "tokens_per_step": shape[0] * shape[1],
+            "argument_gib": gib(mem.argument_size_in_bytes),
+            "temp_gib": gib(mem.temp_size_in_bytes),
+            "output_gib": gib(mem.output_size_in_bytes),
+            "per_chip_gib": per_chip, "hbm_gib": hbm,
+            "fits": None if hbm is None else per_chip <= hbm,
+            "flops_per_chip": float(cost.get("flops", 0.0))}
+
+
+def main(argv: list[str]) -> int:
+    config, rest = config_lib.load(argv)
+    parser = argparse.ArgumentParser(prog="nl_jax aot")
+    parser.add_argument("--topology", required=True, help="e.g. v5p:4x4x8 or v5e:4x4")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(rest)
+    report = preflight(config, args.topology)
+    for k, v in report.items():
+        print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if report["fits"] is False:
+        print(f"does NOT fit: {report['per_chip_gib']:.1f} GiB per chip > "
+              f"{report['hbm_gib']} GiB HBM")
+        return 1
+    return 0
