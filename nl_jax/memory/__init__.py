@@ -1,0 +1,14 @@
+"""In-context associative memories (token-clock levels): Titans / DGD rules.
+
+Two execution paths with the same semantics (``MemorySpec.path``): the oracle
+per-token scan and the chunked dual form; ``apply_memory_optax`` trains the
+memory with any optax inner optimizer once per chunk.
+"""
+
+from nl_jax.memory.api import apply_memory, init_memory_params, initial_state
+from nl_jax.memory.optax_memory import apply_memory_optax, initial_optax_state
+from nl_jax.memory.spec import MemorySpec, MemoryState, OptaxMemoryState
+
+__all__ = ["MemorySpec", "MemoryState", "OptaxMemoryState", "apply_memory",
+           "apply_memory_optax", "init_memory_params", "initial_optax_state",
+           "initial_state"]

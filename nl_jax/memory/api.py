@@ -1,0 +1,145 @@
+"""Public entry points of the per-token memory: init, initial state, apply.
+
+``apply_memory`` runs the rule of ``MemorySpec`` on ``[B, T, H, d]`` inputs with
+per-token gates ``[B, T, H]`` by the path ``spec.path`` (the oracle scan or the
+chunked dual form; a kernel plugs in here later) and returns the outputs and
+the final state, which can be passed to the next segment of the sequence.
+
+Padding: T need not be a multiple of C.  The last chunk is padded with
+theta = 0, eta = 1, alpha = 0 and zero q, k, v; the padded tokens come after
+every real token, so they change no output, and the state is read at the last
+real token (a padded token with theta = 0 still adds S to M, so it is not
+applied).  Streaming segment by segment equals one pass when every segment
+but the last has a length that is a multiple of C (chunk boundaries must line
+up).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nl_jax.errors import ConfigError
+from nl_jax.memory import maps
+from nl_jax.memory import linear_chunked
+from nl_jax.memory.chunked import chunked_head
+from nl_jax.memory.oracle import oracle_head
+from nl_jax.memory.spec import MemorySpec, MemoryState
+
+
+def check_dims(spec: MemorySpec, d_k: int, d_v: int) -> None:
+    """An MLP memory is residual: it needs d_k == d_v."""
+    if spec.kind == "mlp" and d_k != d_v:
+        raise ConfigError(f"memory kind='mlp' is residual and needs d_k == d_v, "
+                          f"got d_k={d_k}, d_v={d_v}; use kind='linear' or equal dims")
+
+
+def init_memory_params(spec: MemorySpec, key: jax.Array, num_heads: int, d_k: int,
+                       d_v: int) -> dict:
+    """Initial memory weights ``{"w<l>": [H, out, in]}`` (fp32), see ``maps.init_weights``."""
+    check_dims(spec, d_k, d_v)
+    return maps.init_weights(spec, key, num_heads, d_k, d_v)
+
+
+def initial_state(spec: MemorySpec, init_params: dict, batch_size: int) -> MemoryState:
+    """The state at the start of a sequence: ``init_params`` for every batch row, S = 0."""
+    params = jax.tree.map(
+        lambda p: jnp.broadcast_to(jnp.asarray(p, jnp.float32)[None],
+                                   (batch_size,) + p.shape), init_params)
+    return MemoryState(params=params, momentum=jax.tree.map(jnp.zeros_like, params))
+
+
+def check_inputs(q, k, v, gates=()) -> tuple[int, int, int, int, int]:
+    """(B, T, H, d_k, d_v) of ``[B, T, H, d]`` inputs, or ConfigError."""
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ConfigError(f"memory q and k must both be [B, T, H, d_k], got {q.shape} "
+                          f"and {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ConfigError(f"memory v must be [B, T, H, d_v] with q's B, T, H {q.shape[:3]},"
+                          f" got {v.shape}")
+    for name, g in gates:
+        if g.shape != q.shape[:3]:
+            raise ConfigError(f"memory gate {name} must be [B, T, H] = {q.shape[:3]}, "
+                              f"got {g.shape}")
+    b, t, h, d_k = q.shape
+    return b, t, h, d_k, v.shape[-1]
+
+
+def to_chunks(x: jax.Array, chunk: int, fill: float) -> jax.Array:
+    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]`` fp32, T padded with ``fill``."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk)
+    x = x.astype(jnp.float32)
+    if n * chunk != t:
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, n * chunk - t)
+        x = jnp.pad(x, pad, constant_values=fill)
+    x = x.reshape((b, n, chunk) + x.shape[2:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def to_chunk_major(x: jax.Array, chunk: int, fill: float) -> jax.Array:
+    """``[B, T, H, ...]`` -> ``[N, B, H, C, ...]`` fp32, T padded with ``fill``."""
+    return jnp.moveaxis(to_chunks(x, chunk, fill), 2, 0)
+
+
+def from_chunk_major(y: jax.Array, t: int) -> jax.Array:
+    """``[N, B, H, C, d]`` -> ``[B, T, H, d]``."""
+    return from_chunks(jnp.moveaxis(y, 0, 2), t)
+
+
+def from_chunks(y: jax.Array, t: int) -> jax.Array:
+    """``[B, H, N, C, d]`` -> ``[B, T, H, d]``."""
+    b, h, n, c, d = y.shape
+    return jnp.moveaxis(y, 1, 3).reshape(b, n * c, h, d)[:, :t]
+
+
+def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array,
+                 v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
+                 state: MemoryState | None = None) -> tuple[jax.Array, MemoryState]:
+    """Run the memory rule over a segment (Titans Eq. 13-14 and 16-18, NL Eq. 57).
+
+    Args:
+      spec: the memory level.
+      init_params: initial weights ``[H, ...]`` (used when ``state`` is None).
+      q, k: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]``.
+      theta, eta, alpha: ``[B, T, H]`` in (0, 1): inner learning rate, momentum
+        decay, forget rate (M_t = (1 - alpha_t) M_{t-1} + S_t).
+      state: the state after the previous segment, or None for a fresh memory.
+
+    Returns:
+      y ``[B, T, H, d_v]`` fp32 with y_t = M_t(q_t), and the final state.
+    """
+    b, t, h, d_k, d_v = check_inputs(q, k, v, (("theta", theta), ("eta", eta),
+                                                ("alpha", alpha)))
+    check_dims(spec, d_k, d_v)
+    if state is None:
+        state = initial_state(spec, init_params, b)
+    c = spec.chunk_size
+    n = -(-t // c)
+    if spec.path == "chunked" and linear_chunked.supports(spec):
+        args = (to_chunk_major(q, c, 0.0), to_chunk_major(k, c, 0.0),
+                to_chunk_major(v, c, 0.0), to_chunk_major(theta, c, 0.0),
+                to_chunk_major(eta, c, 1.0), to_chunk_major(alpha, c, 0.0))
+        y, (w_end, s_end) = linear_chunked.linear_chunked(
+            spec, state.params["w0"], state.momentum["w0"], *args, t)
+        return from_chunk_major(y, t), MemoryState(params={"w0": w_end},
+                                                   momentum={"w0": s_end})
+    args = (to_chunks(q, c, 0.0), to_chunks(k, c, 0.0), to_chunks(v, c, 0.0),
+            to_chunks(theta, c, 0.0), to_chunks(eta, c, 1.0), to_chunks(alpha, c, 0.0))
+    weights = maps.to_weights(state.params)
+    momentum = maps.to_weights(state.momentum)
+    if spec.path == "oracle":
+        extra = jnp.asarray((np.arange(n * c) < t).reshape(n, c))
+        head = functools.partial(oracle_head, spec)
+    else:
+        extra = jnp.asarray(np.clip(t - np.arange(n) * c, 0, c).astype(np.int32))
+        head = functools.partial(chunked_head, spec)
+    per_head = jax.vmap(head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None))
+    per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None))
+    y, (w_end, s_end) = per_batch(weights, momentum, *args, extra)
+    return from_chunks(y, t), MemoryState(params=maps.to_params(w_end),
+                                          momentum=maps.to_params(s_end))

@@ -1,0 +1,67 @@
+"""The chunked dual form equals the oracle scan on values and gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+from tests.test_memory_helpers import perturbed, random_inputs
+
+B, T, H, D = 2, 37, 2, 8
+
+
+def _loss_and_grads(spec, params, inputs):
+    """(y, final state, grads w.r.t. inputs, gates and initial weights)."""
+    wy = jax.random.normal(jax.random.PRNGKey(11), (B, T, H, D))
+
+    def loss(params, *inputs):
+        y, state = apply_memory(spec, params, *inputs)
+        ws = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape)), state)
+        state_term = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(state),
+                                                        jax.tree.leaves(ws)))
+        return jnp.sum(wy * y) + state_term, (y, state)
+
+    argnums = tuple(range(7))
+    (_, (y, state)), grads = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(
+        params, *inputs)
+    return y, state, grads
+
+
+CASES = [
+    # kind, objective, momentum, weight_decay, dgd, chunk sizes
+    ("linear", "l2", True, True, True, (1, 4, 16)),
+    ("mlp", "l2", True, True, True, (1, 16)),
+    ("linear", "huber", True, True, False, (4,)),
+    ("linear", "dot", False, False, True, (4,)),
+]
+
+
+@pytest.mark.parametrize("kind,objective,momentum,decay,dgd,chunks", CASES)
+def test_chunked_matches_oracle(kind, objective, momentum, decay, dgd, chunks):
+    inputs = random_inputs(0, B, T, H, D, D)
+    for chunk in chunks:
+        spec = MemorySpec(kind=kind, objective=objective, momentum=momentum,
+                          weight_decay=decay, dgd=dgd, chunk_size=chunk, path="oracle")
+        params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
+        y_o, s_o, g_o = _loss_and_grads(spec, params, inputs)
+        chunked = dataclasses.replace(spec, path="chunked", remat_every=2)
+        y_c, s_c, g_c = _loss_and_grads(chunked, params, inputs)
+        assert np.abs(np.asarray(y_o)).max() > 0.1
+        np.testing.assert_allclose(y_c, y_o, atol=1e-5, err_msg=f"y, C={chunk}")
+        for a, b in zip(jax.tree.leaves(s_c), jax.tree.leaves(s_o)):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"state, C={chunk}")
+        names = ["init_params", "q", "k", "v", "theta", "eta", "alpha"]
+        for name, a, b in zip(names, g_c, g_o):
+            for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+                assert np.all(np.isfinite(la))
+                scale = max(1.0, float(np.abs(lb).max()))
+                np.testing.assert_allclose(la, lb, atol=1e-4 * scale,
+                                           err_msg=f"grad {name}, C={chunk}")
+        if momentum:
+            assert np.abs(np.asarray(g_o[5])).max() > 1e-3   # eta matters
+        if decay:
+            assert np.abs(np.asarray(g_o[6])).max() > 1e-3   # alpha matters
+

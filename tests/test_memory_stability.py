@@ -1,0 +1,80 @@
+"""Long sequences with extreme gates stay finite; bad specs raise ConfigError."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nl_jax.errors import ConfigError
+from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+from nl_jax.memory.gates import segsum
+
+
+def test_segsum_is_the_segment_sum():
+    x = jnp.array([0.5, -1.0, 2.0, 0.25])
+    s = np.asarray(segsum(x))
+    for i in range(4):
+        for j in range(4):
+            expected = float(np.sum(np.asarray(x)[j + 1:i + 1])) if i >= j else -np.inf
+            assert s[i, j] == pytest.approx(expected)
+
+
+def test_long_sequence_extreme_gates_finite():
+    t, d = 16384, 4
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    k = jax.random.normal(keys[0], (1, t, 1, d))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    q = jax.random.normal(keys[1], (1, t, 1, d))
+    v = jax.random.normal(keys[2], (1, t, 1, d))
+
+    def extreme(key, lo, hi):
+        # runs of gates near 0 and near 1 (products over a chunk under- or overflow)
+        pick = jax.random.bernoulli(key, 0.5, (1, t // 256, 1))
+        return jnp.repeat(jnp.where(pick, hi, lo), 256, axis=1)
+
+    # theta stays small: with eta ~ 1 and alpha ~ 0 the undamped momentum makes
+    # the true dynamics grow (both paths agree on that); gates are what is tested.
+    theta = extreme(keys[3], 1e-6, 1e-3)
+    eta = extreme(keys[4], 1e-6, 1.0 - 1e-6)
+    alpha = extreme(keys[5], 1e-6, 1.0 - 1e-6)
+    spec = MemorySpec(chunk_size=64)
+    params = init_memory_params(spec, jax.random.PRNGKey(1), 1, d, d)
+
+    def loss(q, k, v, theta, eta, alpha):
+        y, state = apply_memory(spec, params, q, k, v, theta, eta, alpha)
+        return jnp.sum(y * v), (y, state)
+
+    (_, (y, state)), grads = jax.jit(jax.value_and_grad(loss, range(6), has_aux=True))(
+        q, k, v, theta, eta, alpha)
+    assert np.all(np.isfinite(np.asarray(y)))
+    assert np.abs(np.asarray(y)).max() > 1e-2
+    for leaf in jax.tree.leaves((state, grads)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    oracle = MemorySpec(chunk_size=64, path="oracle")
+    y_oracle, _ = jax.jit(lambda *a: apply_memory(oracle, params, *a))(
+        q, k, v, theta, eta, alpha)
+    scale = float(np.abs(np.asarray(y_oracle)).max())
+    np.testing.assert_allclose(y, y_oracle, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("kind", "conv"), ("objective", "l1"), ("path", "fast"), ("path", "kernel"),
+    ("chunk_size", 0), ("remat_every", 0), ("mlp_depth", 0), ("mlp_expansion", 1.5),
+    ("momentum", 1), ("dgd", "yes"),
+])
+def test_bad_spec_raises_config_error(field, value):
+    with pytest.raises(ConfigError, match=field):
+        MemorySpec(**{field: value})
+
+
+def test_bad_shapes_raise_config_error():
+    spec = MemorySpec(kind="mlp")
+    with pytest.raises(ConfigError, match="d_k == d_v"):
+        init_memory_params(spec, jax.random.PRNGKey(0), 2, 4, 8)
+    params = init_memory_params(MemorySpec(), jax.random.PRNGKey(0), 2, 4, 4)
+    x = jnp.zeros((1, 8, 2, 4))
+    gate = jnp.zeros((1, 8, 2))
+    with pytest.raises(ConfigError, match="gate eta"):
+        apply_memory(MemorySpec(), params, x, x, x, gate, gate[:, :4], gate)
+    with pytest.raises(ConfigError, match="q and k"):
+        apply_memory(MemorySpec(), params, x, x[..., :3], x, gate, gate, gate)
