@@ -1,0 +1,319 @@
+"""Continuum Memory System, CMS (NL section 7.1, Eq. 70-74): Hope's channel mixer.
+
+A CMS is a set of MLP levels, each with its own update period in TOKENS
+(``cfg.cms.periods``, e.g. ``(16, 64, "never")``):
+
+* ``"never"``: frozen in context (a plain MLP, trained only by the outer
+  optimizer).  One level of period ``"never"`` is bit-for-bit the Transformer++
+  SwiGLU channel mixer.
+* an integer ``C``: updated in context every ``C`` tokens (Eq. 71).  All tokens
+  of a chunk are processed in parallel with the chunk-start weights
+  ``theta_i``; at the end of the chunk
+
+      theta_{i+1} = theta_i - sum_{t in chunk} eta_t * grad l(theta_i; x_t).
+
+  Causal choice: the outputs of chunk ``i`` use ``theta_i`` (the weights at the
+  START of the chunk); the update made from chunk ``i`` applies from chunk
+  ``i + 1`` on, so no token's output depends on itself or on later tokens.
+  The state (weights, the gradient accumulated over an unfinished chunk and
+  the token position) is carried across calls, so a document processed segment
+  by segment gives the same result as one pass, for any segment lengths.
+  A period longer than the sequence never fires inside one training sequence:
+  in the forward pass such a level acts as frozen and is a STEP-clock level.
+  Its period on the step clock is the user's to set: pair it with a
+  ``config.levels`` entry whose ``params`` regex selects
+  ``.../mlp/levels/<i>/...`` and whose ``every`` is the period in steps.
+
+In-context objective (the "open point" of NL_MATH section 4), chosen here: the
+L2 associative objective with self-generated values
+
+    l(theta; x_t) = || MLP_theta(x_t) - vhat_t ||^2,
+    vhat_t = x_t                       (cfg.cms.target = "input", default)
+    vhat_t = x_t W_target              (cfg.cms.target = "projection"; W_target
+                                        an outer-level parameter, identity init)
+
+``x_t`` is the level's own input.  Because a level computes a residual
+increment (``h_l = h_{l-1} + MLP_l(h_{l-1})``), the "input" target asks the
+level to reproduce its input, i.e. to double the residual stream direction it
+has seen, a reconstruction / residual-identity memory.  The per-token learning
+rate is ``eta_t = cfg.cms.lr * sigmoid(w . x_t + b)`` (``w, b`` outer-level
+parameters, ``w = 0, b = 0`` at init); ``cms.lr = 0`` makes every update zero,
+and the level computes exactly its frozen MLP.
+
+Variants (``cfg.cms.variant``):
+
+* ``"sequential"`` (Eq. 73, default): the chain ``y = MLP^(k)(...MLP^(1)(x))``
+  of residual blocks; every level's initial state is an outer-level parameter.
+  The module returns the sum of the level increments,
+  ``y = sum_l MLP_l(h_{l-1})`` (accumulated in that order so that one level
+  returns ``MLP_1(x)`` bit-for-bit); the LM block adds ``x``.
+* ``"independent"`` (Eq. 74): ``y = sum_l softmax(a)_l MLP^(l)(x)``, every level
+  reads ``x``; the aggregation logits ``a`` are outer-level parameters.
+* ``"nested"`` (Eq. 72) is NOT implemented and raises ConfigError: it needs
+  the fast level's state to be re-initialised from the slower level's CURRENT
+  in-context weights at the slower level's chunk boundaries, which couples the
+  two levels' token clocks (and their streaming offsets) into one scan; the
+  paper leaves open which level of the chain feeds which and how a frozen
+  parent re-initialises a child.  Use ``"sequential"``.
+
+Config keys, ``cfg.cms`` (all optional): ``periods`` (tuple of positive ints or
+``"never"``), ``variant``, ``block`` (``"swiglu"`` or ``"mlp"``: W_down
+gelu(W_up x)), ``d_ff`` (int or one per level; default ``model.d_ff``), ``lr``,
+``target``, ``use_cms`` (False: the ablation "Hope without CMS", a single
+frozen MLP level whatever ``periods`` says).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nl_jax.errors import ConfigError
+from nl_jax.models.layers import Dense, param
+from nl_jax.sharding import constrain
+
+NEVER = "never"
+VARIANTS = ("sequential", "independent", "nested")
+BLOCKS = ("swiglu", "mlp")
+TARGETS = ("input", "projection")
+
+
+# --------------------------------------------------------------------------
+# Chunk layout shared by every streaming in-context level.
+# --------------------------------------------------------------------------
+
+def to_chunks(x: jax.Array, offset: jax.Array | int, chunk: int, streaming: bool):
+    """Lays ``x [B, T, ...]`` out as chunks aligned to the token clock.
+
+    ``offset`` is the number of tokens of the current (unfinished) chunk that
+    earlier segments already processed; the segment starts at that position of
+    a zero buffer.  Returns ``(xs [n, B, C, ...], valid [n, C] bool,
+    complete [n] bool)``: ``valid`` marks this segment's tokens, ``complete``
+    the chunks whose last token lies in this segment (their update fires).
+    ``streaming=False`` means ``offset`` is statically 0.
+    """
+    b, t = x.shape[:2]
+    lead = chunk - 1 if streaming else 0
+    n = max(1, math.ceil((t + lead) / chunk))
+    length = n * chunk
+    buf = jnp.zeros((b, length) + x.shape[2:], x.dtype)
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, x, offset, axis=1)
+    pos = jnp.arange(length)
+    valid = (pos >= offset) & (pos < offset + t)
+    complete = (jnp.arange(n) + 1) * chunk <= offset + t
+    xs = jnp.moveaxis(buf.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+    return xs, valid.reshape(n, chunk), complete
+
+
+def from_chunks(ys: jax.Array, offset: jax.Array | int, t: int) -> jax.Array:
+    """Inverse of ``to_chunks``: ``[n, B, C, ...] -> [B, T, ...]``."""
+    n, b, c = ys.shape[:3]
+    buf = jnp.moveaxis(ys, 0, 1).reshape((b, n * c) + ys.shape[3:])
+    return jax.lax.dynamic_slice_in_dim(buf, offset, t, axis=1)
+
+
+# --------------------------------------------------------------------------
+# Pure MLP blocks on explicit weights (batched over sequences).
+# --------------------------------------------------------------------------
+
+def block_apply(block: str, theta: dict[str, jax.Array], x: jax.Array,
+                dtype) -> jax.Array:
+    """The level's MLP on ``x [B, C, d]`` with per-sequence weights ``[B, ...]``."""
+    x = x.astype(dtype)
+    w = {k: v.astype(dtype) for k, v in theta.items()}
+    if block == "swiglu":
+        h = jax.nn.silu(jnp.einsum("bcd,bdf->bcf", x, w["gate"])) * jnp.einsum(
+            "bcd,bdf->bcf", x, w["up"])
+    else:
+        h = jax.nn.gelu(jnp.einsum("bcd,bdf->bcf", x, w["up"]))
+    return jnp.einsum("bcf,bfd->bcd", h, w["down"])
+
+
+def chunk_gradient(block: str, theta, x, target, eta, dtype):
+    """sum_t eta_t grad_theta ||MLP_theta(x_t) - target_t||^2 at ``theta`` (Eq. 71).
+
+    One vjp of the chunk's MLP with the cotangent ``2 eta_t (y_t - target_t)``:
+    the same sum of per-token gradients, as matmuls.  Also returns the chunk's
+    outputs ``y = MLP_theta(x)``.
+    """
+    y, vjp = jax.vjp(lambda th: block_apply(block, th, x, dtype), theta)
+    err = 2.0 * eta[..., None] * (y.astype(jnp.float32) - target.astype(jnp.float32))
+    (grad,) = vjp(err.astype(y.dtype))
+    return y, jax.tree.map(lambda g: g.astype(jnp.float32), grad)
+
+
+# --------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------
+
+def _period(value, key: str):
+    if value == NEVER:
+        return NEVER
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ConfigError(f"{key} must be a positive integer (tokens) or 'never', "
+                      f"got {value!r}")
+
+
+class CMSLevel(nnx.Module):
+    """One CMS level: an MLP block, frozen or updated every ``period`` tokens.
+
+    Parameter names match ``layers.SwiGLU`` (``gate``, ``up``, ``down``) so a
+    trained MLP converts into a level by copying (NL section 7.3).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, period, block: str = "swiglu",
+                 lr: float = 0.0, target: str = "input", rngs: nnx.Rngs,
+                 dtype=jnp.float32):
+        self.period, self.block, self.lr, self.target = period, block, float(lr), target
+        self.dtype = dtype
+        if block == "swiglu":
+            self.gate = Dense(d_model, d_ff, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.up = Dense(d_model, d_ff, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.down = Dense(d_ff, d_model, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        if self.in_context:
+            self.lr_proj = param(rngs, jnp.zeros(()), (d_model,), ("embed",))
+            self.lr_bias = param(rngs, jnp.zeros(()), (), ())
+            if target == "projection":
+                self.target_proj = Dense(
+                    d_model, d_model, ("embed", None), rngs=rngs,
+                    init=lambda key, shape, dtype: jnp.eye(shape[0], dtype=dtype))
+
+    @property
+    def in_context(self) -> bool:
+        return self.period != NEVER
+
+    def weights(self) -> dict[str, jax.Array]:
+        names = ("gate", "up", "down") if self.block == "swiglu" else ("up", "down")
+        return {n: getattr(self, n).kernel[...] for n in names}
+
+    def frozen(self, x: jax.Array) -> jax.Array:
+        """The MLP with its outer-level weights (exactly ``layers.SwiGLU``)."""
+        if self.block == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            h = jax.nn.gelu(self.up(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        return self.down(h)
+
+    def learning_rate(self, x: jax.Array) -> jax.Array:
+        """eta_t = lr * sigmoid(w . x_t + b), ``[B, C]`` (fp32)."""
+        logit = jnp.dot(x.astype(jnp.float32), self.lr_proj[...]) + self.lr_bias[...]
+        return self.lr * jax.nn.sigmoid(logit)
+
+    def value_target(self, x: jax.Array) -> jax.Array:
+        """The self-generated value vhat_t (see the module docstring)."""
+        if self.target == "projection":
+            return self.target_proj(x.astype(jnp.float32))
+        return x
+
+    def init_state(self, batch: int):
+        theta = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape),
+                             self.weights())
+        return dict(theta=theta, acc=jax.tree.map(jnp.zeros_like, theta),
+                    pos=jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array, state: Any = None):
+        if not self.in_context:
+            return self.frozen(x), None
+        streaming = state is not None
+        if state is None:
+            state = self.init_state(x.shape[0])
+        period = self.period
+        offset = state["pos"] % period if streaming else 0
+        xs, valid, complete = to_chunks(x, offset, period, streaming)
+        block, dtype = self.block, self.dtype
+
+        def step(carry, inputs):
+            theta, acc = carry
+            x_c, valid_c, complete_c = inputs
+            eta = self.learning_rate(x_c) * valid_c[None, :]
+            y_c, grad = chunk_gradient(block, theta, x_c, self.value_target(x_c), eta,
+                                       dtype)
+            acc = jax.tree.map(jnp.add, acc, grad)
+            new_theta = jax.tree.map(lambda w, a: jnp.where(complete_c, w - a, w),
+                                     theta, acc)
+            acc = jax.tree.map(lambda a: jnp.where(complete_c, jnp.zeros_like(a), a), acc)
+            return (new_theta, acc), y_c
+
+        (theta, acc), ys = jax.lax.scan(jax.checkpoint(step),
+                                        (state["theta"], state["acc"]),
+                                        (xs, valid, complete))
+        y = from_chunks(ys, offset, x.shape[1])
+        return y, dict(theta=theta, acc=acc, pos=state["pos"] + x.shape[1])
+
+
+class ContinuumMemory(nnx.Module):
+    """CMS channel mixer: ``y, state = cms(x, state)`` (Eq. 70-74)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        c = dict(cfg.get("cms", None) or {})
+        known = {"periods", "variant", "block", "d_ff", "lr", "target", "use_cms"}
+        unknown = sorted(set(c) - known)
+        if unknown:
+            raise ConfigError(f"model.cms has unknown keys {unknown}; allowed: "
+                              f"{sorted(known)}")
+        periods = c.get("periods", (NEVER,))
+        if isinstance(periods, (str, int)):
+            periods = (periods,)
+        periods = tuple(_period(p, f"model.cms.periods[{i}]")
+                        for i, p in enumerate(periods))
+        if not periods:
+            raise ConfigError("model.cms.periods must name at least one level")
+        if not c.get("use_cms", True):
+            periods = (NEVER,)
+        self.variant = c.get("variant", "sequential")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"model.cms.variant={self.variant!r}; choose one of "
+                              f"{list(VARIANTS)}")
+        if self.variant == "nested":
+            raise ConfigError("model.cms.variant='nested' (Eq. 72) is not implemented "
+                              "(see nl_jax/models/cms.py); use 'sequential' or "
+                              "'independent'")
+        block = c.get("block", "swiglu")
+        if block not in BLOCKS:
+            raise ConfigError(f"model.cms.block={block!r}; choose one of {list(BLOCKS)}")
+        target = c.get("target", "input")
+        if target not in TARGETS:
+            raise ConfigError(f"model.cms.target={target!r}; choose one of "
+                              f"{list(TARGETS)}")
+        lr = c.get("lr", 1e-2)
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
+            raise ConfigError(f"model.cms.lr must be a number >= 0, got {lr!r}")
+        d_ff = c.get("d_ff", cfg.d_ff)
+        d_ffs = tuple(d_ff) if isinstance(d_ff, (tuple, list)) else (d_ff,) * len(periods)
+        if len(d_ffs) != len(periods) or not all(
+                isinstance(f, int) and f > 0 for f in d_ffs):
+            raise ConfigError(f"model.cms.d_ff must be a positive int or one per level "
+                              f"({len(periods)}), got {d_ff!r}")
+        dtype = jnp.dtype(cfg.dtype)
+        self.levels = nnx.List([
+            CMSLevel(cfg.d_model, f, period=p, block=block, lr=lr, target=target,
+                     rngs=rngs, dtype=dtype)
+            for p, f in zip(periods, d_ffs)])
+        if self.variant == "independent":
+            self.mix_logits = param(rngs, jnp.zeros(()), (len(periods),), (None,))
+
+    def __call__(self, x: jax.Array, state: Any = None):
+        states = state if state is not None else (None,) * len(self.levels)
+        new_states = []
+        if self.variant == "independent":
+            weights = jax.nn.softmax(self.mix_logits[...])
+            y = None
+            for i, (level, s) in enumerate(zip(self.levels, states)):
+                out, s = level(x, s)
+                term = weights[i].astype(out.dtype) * out
+                y = term if y is None else y + term
+                new_states.append(s)
+            return y, tuple(new_states)
+        h, y = x, None
+        for level, s in zip(self.levels, states):
+            delta, s = level(h, s)
+            y = delta if y is None else y + delta
+            h = h + delta.astype(h.dtype)
+            new_states.append(s)
+        return y, tuple(new_states)

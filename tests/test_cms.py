@@ -1,0 +1,166 @@
+"""Continuum Memory System (NL Eq. 70-74) against plain loops written from Eq. 71."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from nl_jax.errors import ConfigError
+from nl_jax.models.cms import ContinuumMemory, block_apply
+from nl_jax.models.layers import SwiGLU
+
+D, F, B = 16, 24, 2
+
+
+def make_cfg(**cms):
+    return ml_collections.ConfigDict(dict(d_model=D, d_ff=F, dtype="float32", cms=cms))
+
+
+def make_cms(seed=0, **cms):
+    model = ContinuumMemory(make_cfg(**cms), rngs=nnx.Rngs(seed))
+    # Non-trivial per-token learning rates: random gate weights.
+    for i, level in enumerate(model.levels):
+        if level.in_context:
+            key = jax.random.key(100 + i)
+            level.lr_proj[...] = 0.5 * jax.random.normal(key, (D,))
+            level.lr_bias[...] = jnp.asarray(0.3)
+    return model
+
+
+def inputs(t, seed=1):
+    return jax.random.normal(jax.random.key(seed), (B, t, D))
+
+
+def loop_oracle(level, x, period):
+    """Per-token loop from Eq. 71: gradients at the chunk-start weights, summed,
+    applied after the chunk's last token; outputs use the chunk-start weights."""
+    theta = {k: jnp.broadcast_to(v, (B,) + v.shape) for k, v in level.weights().items()}
+    acc = jax.tree.map(jnp.zeros_like, theta)
+    ys = []
+
+    def token_loss(th, x_t, eta_t):
+        y = block_apply(level.block, th, x_t[:, None], jnp.float32)[:, 0]
+        return jnp.sum(eta_t * jnp.sum((y - x_t) ** 2, -1)), y
+
+    for t in range(x.shape[1]):
+        x_t = x[:, t]
+        eta_t = level.lr * jax.nn.sigmoid(x_t @ level.lr_proj[...] + level.lr_bias[...])
+        grad, y = jax.grad(token_loss, has_aux=True)(theta, x_t, eta_t)
+        ys.append(y)
+        acc = jax.tree.map(jnp.add, acc, grad)
+        if (t + 1) % period == 0:
+            theta = jax.tree.map(jnp.subtract, theta, acc)
+            acc = jax.tree.map(jnp.zeros_like, acc)
+    return jnp.stack(ys, 1), theta, acc
+
+
+def test_never_level_is_swiglu_bitwise():
+    cms = make_cms(periods=("never",))
+    mlp = SwiGLU(D, F, rngs=nnx.Rngs(5))
+    for name in ("gate", "up", "down"):
+        getattr(cms.levels[0], name).kernel[...] = getattr(mlp, name).kernel[...]
+    x = inputs(12)
+    y, state = cms(x)
+    ref, _ = mlp(x)
+    assert state == (None,)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+
+
+@pytest.mark.parametrize("period,t", [(1, 6), (4, 10)])
+def test_in_context_level_matches_eq71_loop(period, t):
+    cms = make_cms(periods=(period,), lr=0.01)
+    x = inputs(t)
+    y, (state,) = cms(x)
+    ref_y, ref_theta, ref_acc = loop_oracle(cms.levels[0], x, period)
+    np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
+    for k in ref_theta:
+        np.testing.assert_allclose(state["theta"][k], ref_theta[k], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(state["acc"][k], ref_acc[k], atol=1e-5, rtol=1e-5)
+    # The update really changed the weights (the test would pass vacuously otherwise).
+    assert float(jnp.abs(state["theta"]["down"] - cms.levels[0].down.kernel[...]).max()) > 1e-4
+
+
+def test_in_context_gradients_match_loop():
+    cms = make_cms(periods=(3,), lr=0.01)
+    x = inputs(7)
+    level = cms.levels[0]
+    graphdef, params = nnx.split(cms)
+
+    def fast(params, x):
+        y, _ = nnx.merge(graphdef, params)(x)
+        return jnp.sum(jnp.sin(y))
+
+    def slow(params, x):
+        model = nnx.merge(graphdef, params)
+        y, _, _ = loop_oracle(model.levels[0], x, 3)
+        return jnp.sum(jnp.sin(y))
+
+    g_fast = jax.jit(jax.grad(fast, argnums=(0, 1)))(params, x)
+    g_slow = jax.jit(jax.grad(slow, argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert float(jnp.abs(g_fast[0]["levels"][0]["lr_proj"][...]).max()) > 0
+    del level
+
+
+def test_streaming_segments_equal_one_pass():
+    cms = make_cms(periods=(4, 2, "never"), lr=0.01)
+    x = inputs(11)
+    y, state = cms(x)
+    y1, s1 = cms(x[:, :3])
+    y2, s2 = cms(x[:, 3:], s1)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(state)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_lr_reproduces_frozen_mlp():
+    frozen = make_cms(periods=("never",))
+    live = make_cms(periods=(4,), lr=0.0)
+    for name in ("gate", "up", "down"):
+        getattr(live.levels[0], name).kernel[...] = getattr(frozen.levels[0], name).kernel[...]
+    x = inputs(12)
+    y_live, (state,) = live(x)
+    y_frozen, _ = frozen(x)
+    np.testing.assert_allclose(y_live, y_frozen, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state["theta"]["up"][0]),
+                                  np.asarray(frozen.levels[0].up.kernel[...]))
+
+
+def test_independent_variant_is_softmax_weighted_sum():
+    cms = make_cms(periods=("never", "never"), variant="independent", block="mlp")
+    cms.mix_logits[...] = jnp.asarray([0.3, -0.2])
+    x = inputs(5)
+    y, _ = cms(x)
+    w = jax.nn.softmax(jnp.asarray([0.3, -0.2]))
+    ref = w[0] * cms.levels[0].frozen(x) + w[1] * cms.levels[1].frozen(x)
+    np.testing.assert_allclose(y, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_sequential_chain_sums_residual_increments():
+    cms = make_cms(periods=("never", "never"))
+    x = inputs(5)
+    y, _ = cms(x)
+    d1 = cms.levels[0].frozen(x)
+    d2 = cms.levels[1].frozen(x + d1)
+    np.testing.assert_allclose(y, d1 + d2, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cms,key", [
+    (dict(periods=(0,)), "model.cms.periods[0]"),
+    (dict(periods=("sometimes",)), "model.cms.periods[0]"),
+    (dict(variant="nested"), "model.cms.variant"),
+    (dict(block="conv"), "model.cms.block"),
+    (dict(lr=-1.0), "model.cms.lr"),
+    (dict(colour="red"), "model.cms"),
+])
+def test_bad_config_raises_config_error(cms, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        ContinuumMemory(make_cfg(**cms), rngs=nnx.Rngs(0))
+
+
+def test_use_cms_false_is_one_frozen_level():
+    cms = make_cms(periods=(4, 8), use_cms=False)
+    assert len(cms.levels) == 1 and not cms.levels[0].in_context
