@@ -52,6 +52,8 @@ def cmd_train(argv: list[str]) -> int:
                         f"--config.KEY=VALUE and --workdir")
     from nl_jax.train.loop import train
     result = train(config, _workdir(workdir, config))
+    if result.get("diverged"):
+        return 1
     return 130 if result.get("interrupted") else 0
 
 

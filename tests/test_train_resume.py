@@ -92,3 +92,30 @@ def test_resume_with_incompatible_config_is_refused(runs, capsys):
     assert code == 2
     assert "cannot resume" in err and "model.d_model (checkpoint: 32, now: 48)" in err
     assert "Traceback" not in err
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import jax.numpy as jnp
+    from nl_jax.train import loop
+
+    real = loop.make_train_step
+
+    def nan_after_two_steps(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = step(state, batch)
+            metrics["loss"] = jnp.where(state["step"] >= 2, jnp.nan, metrics["loss"])
+            return new_state, metrics
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", nan_after_two_steps)
+    c = tiny_config(tmp_path, STEPS)
+    c.train.log_every = 5           # the checkpoint step forces a finiteness check
+    c.train.checkpoint_every = 2
+    workdir = str(tmp_path / "nan")
+    result = loop.train(c, workdir, devices=jax.devices()[:1])
+    err = capsys.readouterr().err
+    assert result == {"diverged": True, "step": 4}  # first check after the NaN (step 3)
+    assert "non-finite at step 4" in err and "Last checkpoint: step 2" in err
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -152,7 +153,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     signal.signal(signal.SIGINT, on_sigint)
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    first_loss = last = None
+    first_loss = last = diverged = None
     timer, window_steps = metrics_lib.Timer(), 0
     try:
         step = start
@@ -161,7 +162,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             trainer.state, metrics = trainer.train_step(trainer.state, batch)
             step += 1
             window_steps += 1
-            if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+            checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+            if (step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
+                    or checkpoint_due):  # a checkpoint is only written after a finite loss
                 m = metrics_lib.to_python(jax.device_get(metrics))
                 dt = timer.lap()
                 m.update(perplexity=float(np.exp(min(m["loss"], 50.0))),
@@ -172,6 +175,10 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                     if lrs:
                         m["lr"] = lrs[0]
                 window_steps = 0
+                if not np.isfinite(m["loss"]):
+                    diverged = step
+                    trainer.writer.write(step, "train", m)
+                    break
                 first_loss = m["loss"] if first_loss is None else first_loss
                 last = m
                 trainer.writer.write(step, "train", m)
@@ -183,13 +190,24 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                 trainer.writer.write(step, "eval", ev)
                 progress.write(f"eval step {step}: loss={ev['loss']:.4f} "
                                f"perplexity={ev['perplexity']:.2f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if checkpoint_due:
                 trainer.save()
     except KeyboardInterrupt:
         interrupted["flag"] = True
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
+    if diverged is not None:
+        # Keep the last good checkpoint; never save a non-finite state over it.
+        trainer.checkpointer.close()
+        trainer.writer.close()
+        good = trainer.checkpointer.latest_step()
+        print(f"error: the loss became non-finite at step {diverged} (last logged finite "
+              f"loss: {last['loss'] if last else 'none'}); stopped without saving. Last "
+              f"checkpoint: {'step ' + str(good) if good is not None else 'none'}. Lower "
+              f"the learning rate (levels.*.optimizer.learning_rate) or "
+              f"train.grad_clip_norm.", file=sys.stderr)
+        return {"diverged": True, "step": diverged}
     trainer.save(force=True)
     trainer.checkpointer.close()
     step = int(trainer.state["step"])
