@@ -20,7 +20,7 @@ train: install
 	$(PY) -m nl_jax train $(ARGS)
 
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -p no:cacheprovider
 
 bench: install
 	mkdir -p runs/bench
