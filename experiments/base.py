@@ -72,3 +72,31 @@ def get_config() -> ml_collections.ConfigDict:
         ("memory_heads", "tensor"),
     ))
     return c
+
+
+def paper_recipe(c: ml_collections.ConfigDict, train_tokens: int) -> ml_collections.ConfigDict:
+    """The Titans / NL training recipe (NL_MATH.md section 6) for paper-scale configs.
+
+    Llama-2 tokenizer (32K vocabulary; not bundled, Meta's licence: pass
+    --config.data.tokenizer.path=/path/to/tokenizer.model), 4K training
+    length, 0.5M-token batches (128 x 4096), AdamW lr 4e-4 with warmup + cosine,
+    weight decay 0.1, bf16 compute.  Data paths are placeholders for the
+    user's FineWeb-Edu shards (text files).
+    """
+    c.model.vocab_size = 32000
+    c.model.tie_embeddings = True
+    c.model.dtype = "bfloat16"
+    c.data.tokenizer = dict(kind="sentencepiece", path="tokenizers/llama2/tokenizer.model")
+    c.data.train_files = ("data/fineweb_edu/train/*.txt",)
+    c.data.eval_files = ("data/fineweb_edu/heldout/*.txt",)
+    c.data.seq_len = 4096
+    c.data.batch_size = 128
+    c.train.steps = train_tokens // (c.data.batch_size * c.data.seq_len)
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    opt = c.levels.default.optimizer
+    opt.learning_rate = 4e-4
+    opt.b2 = 0.95
+    opt.weight_decay = 0.1
+    opt.schedule = dict(name="warmup_cosine", warmup_steps=2000, end_factor=0.1)
+    return c

@@ -1,0 +1,42 @@
+"""Parameter counts of config files without allocating weights (nnx.eval_shape).
+
+    python -m experiments.count_params experiments/hope/*.py experiments/titans/*.py
+"""
+
+import importlib.util
+import os
+import sys
+
+from flax import nnx
+
+from nl_jax.models.lm import LanguageModel, param_count
+
+
+def load(path: str):
+    name = "_count_" + os.path.basename(path)[:-3]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def count(model_cfg) -> int:
+    abstract = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(0)))
+    return param_count(abstract)
+
+
+def describe(path: str, model_cfg) -> str:
+    return (f"{path:32s} {model_cfg.mixer:15s} {count(model_cfg) / 1e6:9.2f}M  "
+            f"(d_model={model_cfg.d_model}, layers={model_cfg.n_layers}, "
+            f"heads={model_cfg.n_heads}, d_ff={model_cfg.d_ff})")
+
+
+def main(paths) -> None:
+    for path in paths:
+        if os.path.basename(path) in ("__init__.py", "common.py", "count_params.py"):
+            continue
+        print(describe(path, load(path).model))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
