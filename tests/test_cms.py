@@ -35,7 +35,8 @@ def inputs(t, seed=1):
 
 def loop_oracle(level, x, period):
     """Per-token loop from Eq. 71: gradients at the chunk-start weights, summed,
-    applied after the chunk's last token; outputs use the chunk-start weights."""
+    applied after the chunk's last token (scaled down per sequence and matrix to
+    norm ``max_update |theta|`` if larger); outputs use the chunk-start weights."""
     theta = {k: jnp.broadcast_to(v, (B,) + v.shape) for k, v in level.weights().items()}
     acc = jax.tree.map(jnp.zeros_like, theta)
     ys = []
@@ -51,9 +52,39 @@ def loop_oracle(level, x, period):
         ys.append(y)
         acc = jax.tree.map(jnp.add, acc, grad)
         if (t + 1) % period == 0:
-            theta = jax.tree.map(jnp.subtract, theta, acc)
+            new = {}
+            for name in theta:
+                rows = []
+                for b in range(B):
+                    w, a = theta[name][b], acc[name][b]
+                    limit = level.max_update * jnp.linalg.norm(w)
+                    a_norm = jnp.linalg.norm(a)
+                    rows.append(w - jnp.where(a_norm > limit, limit / a_norm, 1.0) * a)
+                new[name] = jnp.stack(rows)
+            theta = new
             acc = jax.tree.map(jnp.zeros_like, acc)
     return jnp.stack(ys, 1), theta, acc
+
+
+def test_large_lr_chunk_update_is_bounded_and_matches_loop():
+    """A chunk step far past the stability limit: each update is cut to
+    ``max_update |theta|``, so |theta| grows by at most (1 + max_update) per chunk
+    and stays finite; with the bound off the same level blows up."""
+    x = 3.0 * inputs(12)
+    cms = make_cms(periods=(4,), lr=5.0, max_update=0.1)
+    y, state = cms(x)
+    ref_y, ref_theta, _ = loop_oracle(cms.levels[0], x, 4)
+    np.testing.assert_allclose(y, ref_y, atol=1e-4, rtol=1e-4)
+    level0 = cms.levels[0].weights()
+    for name, w in state[0]["theta"].items():
+        np.testing.assert_allclose(w, ref_theta[name], atol=1e-4, rtol=1e-4)
+        grow = jnp.linalg.norm(w.reshape(B, -1), axis=-1) / jnp.linalg.norm(level0[name])
+        assert bool(jnp.all(grow <= 1.1 ** 3 + 1e-4)), grow
+    free = make_cms(periods=(4,), lr=5.0, max_update=0.0)
+    _, free_state = free(x)
+    free_norm = max(float(jnp.max(jnp.abs(w))) for w in free_state[0]["theta"].values())
+    assert not np.isfinite(free_norm) or free_norm > 1e3 * max(
+        float(jnp.max(jnp.abs(w))) for w in level0.values())
 
 
 def test_never_level_is_swiglu_bitwise():
@@ -154,6 +185,7 @@ def test_sequential_chain_sums_residual_increments():
     (dict(variant="nested"), "model.cms.variant"),
     (dict(block="conv"), "model.cms.block"),
     (dict(lr=-1.0), "model.cms.lr"),
+    (dict(max_update=-0.5), "model.cms.max_update"),
     (dict(colour="red"), "model.cms"),
 ])
 def test_bad_config_raises_config_error(cms, key):

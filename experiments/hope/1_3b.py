@@ -9,6 +9,5 @@ from experiments.hope import common
 
 
 def get_config():
-    c = common.paper_config(d_model=2048, n_layers=24, n_heads=16, d_ff=2048)
-    c.train.steps = 100_000_000_000 // (128 * 4096)  # 100B tokens at 1.3B
-    return c
+    return common.paper_config(d_model=2048, n_layers=24, n_heads=16, d_ff=2048,
+                               train_tokens=100_000_000_000)

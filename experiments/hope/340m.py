@@ -10,6 +10,5 @@ from experiments.hope import common
 
 
 def get_config():
-    c = common.paper_config(d_model=1024, n_layers=24, n_heads=16, d_ff=1024)
-    c.train.steps = 15_000_000_000 // (128 * 4096)   # 15B tokens at 340M
-    return c
+    return common.paper_config(d_model=1024, n_layers=24, n_heads=16, d_ff=1024,
+                               train_tokens=15_000_000_000)

@@ -9,4 +9,5 @@ from experiments.hope import common
 
 
 def get_config():
-    return common.paper_config(d_model=1536, n_layers=24, n_heads=16, d_ff=1536)
+    return common.paper_config(d_model=1536, n_layers=24, n_heads=16, d_ff=1536,
+                               train_tokens=30_000_000_000)

@@ -19,17 +19,14 @@ PAPER_PERIODS = (512, 2048, "never")
 
 
 def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
-                 mixer: str = "self_modifying"):
-    c = base.get_config()
+                 train_tokens: int, mixer: str = "self_modifying"):
+    c = base.paper_recipe(base.get_config(), train_tokens=train_tokens)
     c.model.mixer = mixer
     c.model.mlp = "cms"
-    c.model.vocab_size = 32000          # Llama-2 tokenizer
     c.model.d_model = d_model
     c.model.n_layers = n_layers
     c.model.n_heads = n_heads
     c.model.d_ff = d_ff                 # width of every CMS level
-    c.model.tie_embeddings = True
-    c.model.dtype = "bfloat16"
     c.model.self_modifying = dict(
         path="chunked",
         memory="mlp",              # 2-layer residual MLP memories (NL Eq. 89/91)
@@ -42,6 +39,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
         dgd=True, momentum=True, weight_decay=True,
         adaptive_k=True, adaptive_v=True, adaptive_q=False,
         adaptive_eta=True, adaptive_alpha=True,
+        grad_clip=0.25,            # inner gradient clip (bounds the memory states)
     )
     c.model.cms = dict(
         periods=PAPER_PERIODS,
@@ -49,24 +47,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
         block="swiglu",
         lr=1e-3,                   # eta_scale of the in-context levels (project choice)
         target="input",
+        max_update=0.02,           # trust ratio of one in-context chunk step
         use_cms=True,
     )
-    c.data.tokenizer = dict(
-        kind="sentencepiece",
-        # The Llama-2 tokenizer.model is not bundled: pass its path with
-        # --config.data.tokenizer.path=/path/to/llama2/tokenizer.model
-        path="tokenizers/llama2/tokenizer.model",
-    )
-    c.data.train_files = ("data/fineweb_edu/train/*.txt",)
-    c.data.eval_files = ("data/fineweb_edu/heldout/*.txt",)
-    c.data.seq_len = 4096
-    c.data.batch_size = 128              # 128 x 4096 = 0.5M tokens per step
-    c.train.steps = 30_000_000_000 // (128 * 4096)   # 30B tokens (760M budget)
-    c.train.eval_every = 1000
-    c.train.checkpoint_every = 1000
-    c.levels.default.optimizer.learning_rate = 4e-4
-    c.levels.default.optimizer.b2 = 0.95
-    c.levels.default.optimizer.weight_decay = 0.1
-    c.levels.default.optimizer.schedule = dict(name="warmup_cosine", warmup_steps=2000,
-                                               end_factor=0.1)
     return c

@@ -19,7 +19,9 @@ def get_config():
         dgd=True, momentum=True, weight_decay=True,
         adaptive_k=True, adaptive_v=True, adaptive_q=False,
         adaptive_eta=True, adaptive_alpha=True,
+        grad_clip=0.25,            # inner gradient clip (bounds the memory states)
     )
     c.model.cms = dict(periods=(32, "never"), variant="sequential", block="swiglu",
-                       lr=1e-3, target="input", use_cms=True)
+                       lr=1e-3, target="input", use_cms=True,
+                       max_update=0.02)
     return c

@@ -10,7 +10,12 @@ A CMS is a set of MLP levels, each with its own update period in TOKENS
   of a chunk are processed in parallel with the chunk-start weights
   ``theta_i``; at the end of the chunk
 
-      theta_{i+1} = theta_i - sum_{t in chunk} eta_t * grad l(theta_i; x_t).
+      theta_{i+1} = theta_i - s_i * sum_{t in chunk} eta_t * grad l(theta_i; x_t),
+
+  with ``s_i = min(1, max_update |theta_i| / |sum ...|)`` per weight matrix and
+  sequence (``cfg.cms.max_update``, default 0.02, 0 disables; see
+  ``bounded_update``): a trust ratio that keeps the chunk step from
+  overshooting when a few inputs make the SwiGLU curvature large.
 
   Causal choice: the outputs of chunk ``i`` use ``theta_i`` (the weights at the
   START of the chunk); the update made from chunk ``i`` applies from chunk
@@ -59,7 +64,7 @@ Variants (``cfg.cms.variant``):
 Config keys, ``cfg.cms`` (all optional): ``periods`` (tuple of positive ints or
 ``"never"``), ``variant``, ``block`` (``"swiglu"`` or ``"mlp"``: W_down
 gelu(W_up x)), ``d_ff`` (int or one per level; default ``model.d_ff``), ``lr``,
-``target``, ``use_cms`` (False: the ablation "Hope without CMS", a single
+``target``, ``max_update``, ``use_cms`` (False: the ablation "Hope without CMS", a single
 frozen MLP level whatever ``periods`` says).
 """
 
@@ -146,6 +151,30 @@ def chunk_gradient(block: str, theta, x, target, eta, dtype):
     return y, jax.tree.map(lambda g: g.astype(jnp.float32), grad)
 
 
+def bounded_update(theta, acc, max_update: float):
+    """``theta - s * acc`` per weight matrix and sequence, ``|s acc| <= max_update |theta|``.
+
+    ``s = min(1, max_update |theta|_F / |acc|_F)`` (a trust ratio; norms over
+    every axis but the leading batch axis).  The chunk's step is a sum of
+    ``period`` gradients taken at the chunk-start weights, and the curvature of
+    the SwiGLU objective grows like ``|x|^4``: without a bound one chunk with a
+    few large inputs overshoots (sum_t 2 eta_t |h_t|^2 >> 2), and the cubic
+    block then explodes within two chunks (observed: |W| 20 -> 4e3 -> 2e18 -> NaN
+    in a 128-token sequence).  With the bound ``|theta|`` grows at most by
+    ``1 + max_update`` per chunk.  ``max_update <= 0`` disables it.
+    """
+    if max_update <= 0:
+        return jax.tree.map(jnp.subtract, theta, acc)
+
+    def one(w, a):
+        axes = tuple(range(1, w.ndim))
+        w_norm = jnp.sqrt(jnp.sum(w * w, axes, keepdims=True))
+        a_norm = jnp.sqrt(jnp.sum(a * a, axes, keepdims=True) + 1e-30)
+        return w - jnp.minimum(1.0, max_update * w_norm / a_norm) * a
+
+    return jax.tree.map(one, theta, acc)
+
+
 # --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------
@@ -167,9 +196,10 @@ class CMSLevel(nnx.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, *, period, block: str = "swiglu",
-                 lr: float = 0.0, target: str = "input", rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+                 lr: float = 0.0, target: str = "input", max_update: float = 0.02,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
         self.period, self.block, self.lr, self.target = period, block, float(lr), target
+        self.max_update = float(max_update)
         self.dtype = dtype
         if block == "swiglu":
             self.gate = Dense(d_model, d_ff, ("embed", "mlp"), rngs=rngs, dtype=dtype)
@@ -235,8 +265,8 @@ class CMSLevel(nnx.Module):
             y_c, grad = chunk_gradient(block, theta, x_c, self.value_target(x_c), eta,
                                        dtype)
             acc = jax.tree.map(jnp.add, acc, grad)
-            new_theta = jax.tree.map(lambda w, a: jnp.where(complete_c, w - a, w),
-                                     theta, acc)
+            new_theta = jax.tree.map(lambda w, w_next: jnp.where(complete_c, w_next, w),
+                                     theta, bounded_update(theta, acc, self.max_update))
             acc = jax.tree.map(lambda a: jnp.where(complete_c, jnp.zeros_like(a), a), acc)
             return (new_theta, acc), y_c
 
@@ -252,7 +282,8 @@ class ContinuumMemory(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         c = dict(cfg.get("cms", None) or {})
-        known = {"periods", "variant", "block", "d_ff", "lr", "target", "use_cms"}
+        known = {"periods", "variant", "block", "d_ff", "lr", "target", "use_cms",
+                 "max_update"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ConfigError(f"model.cms has unknown keys {unknown}; allowed: "
@@ -284,6 +315,11 @@ class ContinuumMemory(nnx.Module):
         lr = c.get("lr", 1e-2)
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
             raise ConfigError(f"model.cms.lr must be a number >= 0, got {lr!r}")
+        max_update = c.get("max_update", 0.02)
+        if (not isinstance(max_update, (int, float)) or isinstance(max_update, bool)
+                or max_update < 0):
+            raise ConfigError(f"model.cms.max_update must be a number >= 0 (0 disables "
+                              f"the bound), got {max_update!r}")
         d_ff = c.get("d_ff", cfg.d_ff)
         d_ffs = tuple(d_ff) if isinstance(d_ff, (tuple, list)) else (d_ff,) * len(periods)
         if len(d_ffs) != len(periods) or not all(
@@ -293,7 +329,7 @@ class ContinuumMemory(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.levels = nnx.List([
             CMSLevel(cfg.d_model, f, period=p, block=block, lr=lr, target=target,
-                     rngs=rngs, dtype=dtype)
+                     max_update=max_update, rngs=rngs, dtype=dtype)
             for p, f in zip(periods, d_ffs)])
         if self.variant == "independent":
             self.mix_logits = param(rngs, jnp.zeros(()), (len(periods),), (None,))

@@ -48,8 +48,28 @@ of ``memory_chunk_size`` tokens.  Inside a chunk every read of k, v, q, eta,
 alpha, every self-generated value vhat and every gradient uses the state at the
 end of the previous chunk (the "anchor"); the memory STATES still follow the
 per-token recurrence above (with those chunk-start gradients), and the main
-memory is read per token, y_t = M_memory,t-1(q_t).  With C = 1 this is the
-exact per-token recurrence.  Both paths implement exactly this:
+memory is read per token, y_t = M_memory,t-1(q_t).
+
+Step normalisation (a choice of this project): inside the update of a memory
+whose chunk is C tokens, eta_t is replaced by ``eta_t / C`` (in the momentum
+step AND the DGD preconditioner), so a chunk applies at most ``lr`` times the
+chunk-start gradient in total: a mini-batch step with the MEAN, not the sum, of
+the chunk's gradients.  With the plain sum a chunk applies up to ``C * lr``
+times a gradient that gets no feedback inside the chunk; with self-generated
+targets ``vhat = M_anchor(v)`` (which scale with the memory) the chunk-to-chunk
+map is then expanding and the states grow geometrically along the sequence
+(observed on Hope tiny: main memory 0.03 -> 1e5 within 128 tokens at C = 16,
+then NaN, while C = 1 or 4 on the same weights stays at 0.5).  The gates read
+from the memories (k, v, q, eta, alpha) are unchanged.  Second bound
+(``grad_clip`` = G, default 0.25, 0 disables): each token's layer gradient
+``delta_t a_t^T`` is scaled to Frobenius norm at most G (``|delta| |a|``), so
+``|S_t|_F <= t lr G / C`` and, the DGD factor being a contraction
+(eigenvalues in [alpha - eta/C, alpha]), ``|W_T|_F <= |W_0|_F + T^2 lr G / C``
+whatever the inputs: the states cannot grow geometrically (without it the
+step still fed back through the unbounded second-layer input ``h`` and the
+self-generated targets: main memory 1e8 at step 34 of Hope tiny, then NaN).
+With C = 1 and no clipping this is the exact per-token recurrence.  Both paths
+implement exactly this:
 
 * ``path="oracle"``: a per-token ``lax.scan`` written from the equations
   (``jax.grad`` for the inner gradients, explicit matrix products).
@@ -88,7 +108,7 @@ DEFAULTS = dict(path="chunked", memory="mlp", objective="l2", chunk_size=32,
                 memory_chunk_size=16, hidden_mult=2, lr=1.0, conv_window=4,
                 dgd=True, momentum=True, weight_decay=True, adaptive_k=True,
                 adaptive_v=True, adaptive_q=False, adaptive_eta=True,
-                adaptive_alpha=True)
+                adaptive_alpha=True, grad_clip=0.25)
 
 
 # --------------------------------------------------------------------------
@@ -126,6 +146,13 @@ def layer_factors(kind: str, w, k: jax.Array, vhat: jax.Array, objective: str):
     err = objective_error(k + h @ w["w1"].T, vhat, objective)
     (delta2,) = silu_vjp(err @ w["w1"])
     return {"w1": (h, err), "w2": (k, delta2)}
+
+
+def clip_scale(grad_sq_norm: jax.Array, grad_clip: float) -> jax.Array:
+    """``min(1, G / |grad|_F)`` from ``|grad|_F^2`` (safe at 0; ``G <= 0``: no clip)."""
+    if grad_clip <= 0:
+        return jnp.ones_like(grad_sq_norm)
+    return grad_clip / jnp.maximum(jnp.sqrt(grad_sq_norm + 1e-12), grad_clip)
 
 
 def _normalized(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -220,9 +247,16 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, queries, dgd: bo
 
 
 def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, log_alpha, log_beta,
-                 objective: str, dgd: bool, valid=None):
-    """One chunk of one memory: per-token reads ``M_{t-1}(q_t)`` and the new state."""
+                 objective: str, dgd: bool, valid=None, grad_clip: float = 0.0):
+    """One chunk of one memory: per-token reads ``M_{t-1}(q_t)`` and the new state.
+
+    Each token's layer gradient ``delta a^T`` is clipped to Frobenius norm
+    ``grad_clip`` (``|delta a^T|_F = |delta| |a|``).
+    """
     factors = layer_factors(kind, anchor, k, vhat, objective)
+    factors = {name: (a, delta * clip_scale(
+        jnp.sum(delta * delta, -1, keepdims=True) * jnp.sum(a * a, -1, keepdims=True),
+        grad_clip)) for name, (a, delta) in factors.items()}
     new_cur, new_mom = {}, ({} if mom is not None else None)
 
     def run(name, q):
@@ -245,10 +279,12 @@ def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, log_alpha, log_b
 
 
 def oracle_memory_step(kind, cur, mom, anchor, k, vhat, eta, alpha, beta,
-                       objective: str, dgd: bool):
-    """One token of Eq. 88 written plainly: grad at ``anchor``, explicit products."""
+                       objective: str, dgd: bool, grad_clip: float = 0.0):
+    """One token of Eq. 88 written plainly: grad at ``anchor`` (each layer's
+    clipped to Frobenius norm ``grad_clip``), explicit products."""
     grads = jax.grad(lambda w: objective_loss(memory_apply(kind, w, k), vhat,
                                               objective))(anchor)
+    grads = {name: g * clip_scale(jnp.sum(g * g), grad_clip) for name, g in grads.items()}
     inputs = {"w": k} if kind == "linear" else {
         "w2": k, "w1": jax.nn.silu(anchor["w2"] @ k)}
     new_cur, new_mom = {}, ({} if mom is not None else None)
@@ -278,6 +314,7 @@ class _Spec:
         self.kind, self.objective = c["memory"], c["objective"]
         self.dgd, self.momentum, self.decay = c["dgd"], c["momentum"], c["weight_decay"]
         self.lr = float(c["lr"])
+        self.grad_clip = float(c["grad_clip"])
         adaptive = {b: c[f"adaptive_{b}"] for b in VECTOR_BOXES + GATE_BOXES}
         if not self.decay:
             adaptive["alpha"] = False
@@ -339,12 +376,16 @@ def oracle_sequence(spec: _Spec, state, u, plain, log_beta, readout):
         if spec.adaptive:
             def update_box(cur, mom, anc):
                 vhat = memory_apply(spec.kind, anc, v)
-                return oracle_memory_step(spec.kind, cur, mom, anc, k, vhat, eta, alpha,
-                                          beta, spec.objective, spec.dgd)
+                return oracle_memory_step(spec.kind, cur, mom, anc, k, vhat, eta / c_o,
+                                          alpha,
+                                          beta, spec.objective, spec.dgd,
+                                          spec.grad_clip)
             new_cur_o, new_mom_o = jax.vmap(update_box)(cur_o, mom_o, anc_o)
         vhat = memory_apply(spec.kind, anc_m, v)
-        cur_m, mom_m = oracle_memory_step(spec.kind, cur_m, mom_m, anc_m, k, vhat, eta,
-                                          alpha, beta, spec.objective, spec.dgd)
+        cur_m, mom_m = oracle_memory_step(spec.kind, cur_m, mom_m, anc_m, k, vhat,
+                                          eta / c_m,
+                                          alpha, beta, spec.objective, spec.dgd,
+                                          spec.grad_clip)
         # The anchor (chunk-start state) moves when a chunk's last token is done.
         anc_o = _where_tree((pos + 1) % c_o == 0, new_cur_o, anc_o)
         anc_m = _where_tree((pos + 1) % c_m == 0, cur_m, anc_m)
@@ -393,8 +434,8 @@ def chunked_sequence(spec: _Spec, state, u, plain, log_beta, readout, streaming:
         def update_box(cur_b, mom_b, anc_b):
             vhat = memory_apply(spec.kind, anc_b, v)
             _, new_cur_b, new_mom_b = memory_chunk(
-                spec.kind, cur_b, mom_b, anc_b, k, vhat, None, eta, log_alpha, lb_k,
-                spec.objective, spec.dgd, valid_k)
+                spec.kind, cur_b, mom_b, anc_b, k, vhat, None, eta / spec.chunk,
+                log_alpha, lb_k, spec.objective, spec.dgd, valid_k, spec.grad_clip)
             return new_cur_b, new_mom_b
 
         new_cur, new_mom = jax.vmap(update_box)(cur, mom, anc)
@@ -421,8 +462,9 @@ def chunked_sequence(spec: _Spec, state, u, plain, log_beta, readout, streaming:
         la_k = jnp.where(valid_k, la_k, 0.0)
         lb_k = jnp.where(valid_k, lb_k, 0.0)
         vhat = memory_apply(spec.kind, anc, v_k)
-        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, vhat, q_k, eta_k, la_k,
-                                   lb_k, spec.objective, spec.dgd, valid_k)
+        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, vhat, q_k,
+                                   eta_k / spec.memory_chunk, la_k, lb_k, spec.objective,
+                                   spec.dgd, valid_k, spec.grad_clip)
         anc = _where_tree(complete_k, cur, anc)
         return (cur, mom, anc), y
 
@@ -456,6 +498,10 @@ def _config(cfg) -> dict:
                               f"got {v!r}")
     if not isinstance(c["lr"], (int, float)) or c["lr"] < 0:
         raise ConfigError(f"model.self_modifying.lr must be a number >= 0, got {c['lr']!r}")
+    clip = c["grad_clip"]
+    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
+        raise ConfigError(f"model.self_modifying.grad_clip must be a number >= 0 (0: no "
+                          f"clipping of the inner gradients), got {clip!r}")
     for key in DEFAULTS:
         if isinstance(DEFAULTS[key], bool) and not isinstance(c[key], bool):
             raise ConfigError(f"model.self_modifying.{key} must be True or False, "
