@@ -47,7 +47,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
         block="swiglu",
         lr=1e-3,                   # eta_scale of the in-context levels (project choice)
         target="input",
-        max_update=0.02,           # trust ratio of one in-context chunk step
+        max_update=0.005,           # trust ratio of one in-context chunk step
         use_cms=True,
     )
     return c

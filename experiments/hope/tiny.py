@@ -23,5 +23,5 @@ def get_config():
     )
     c.model.cms = dict(periods=(32, "never"), variant="sequential", block="swiglu",
                        lr=1e-3, target="input", use_cms=True,
-                       max_update=0.02)
+                       max_update=0.005)
     return c

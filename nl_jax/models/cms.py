@@ -13,7 +13,7 @@ A CMS is a set of MLP levels, each with its own update period in TOKENS
       theta_{i+1} = theta_i - s_i * sum_{t in chunk} eta_t * grad l(theta_i; x_t),
 
   with ``s_i = min(1, max_update |theta_i| / |sum ...|)`` per weight matrix and
-  sequence (``cfg.cms.max_update``, default 0.02, 0 disables; see
+  sequence (``cfg.cms.max_update``, default 0.005, 0 disables; see
   ``bounded_update``): a trust ratio that keeps the chunk step from
   overshooting when a few inputs make the SwiGLU curvature large.
 
@@ -121,6 +121,35 @@ def from_chunks(ys: jax.Array, offset: jax.Array | int, t: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(buf, offset, t, axis=1)
 
 
+def remat_scan(step, carry, xs):
+    """``lax.scan(step, carry, xs)`` whose backward keeps O(sqrt(n)) carries.
+
+    The per-sequence weights are the carry (B x |theta|, the largest tensor of
+    the level), so a plain scan keeps n of them for the backward pass.  The n
+    chunks run in about sqrt(n) checkpointed groups of checkpointed steps: the
+    backward keeps the group-boundary carries, recomputes one group and keeps
+    its step carries, ~2 sqrt(n) in all.  Steps beyond a multiple of the group
+    run as a last, shorter scan.
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    group = max(1, math.isqrt(n))
+    n_grouped = (n // group) * group
+    step = jax.checkpoint(step)
+    head = jax.tree.map(lambda a: a[:n_grouped].reshape((n_grouped // group, group)
+                                                        + a.shape[1:]), xs)
+
+    @jax.checkpoint
+    def group_step(c, g):
+        return jax.lax.scan(step, c, g)
+
+    carry, ys = jax.lax.scan(group_step, carry, head)
+    ys = jax.tree.map(lambda y: y.reshape((n_grouped,) + y.shape[2:]), ys)
+    if n_grouped < n:
+        carry, tail = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[n_grouped:], xs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+    return carry, ys
+
+
 # --------------------------------------------------------------------------
 # Pure MLP blocks on explicit weights (batched over sequences).
 # --------------------------------------------------------------------------
@@ -196,7 +225,7 @@ class CMSLevel(nnx.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, *, period, block: str = "swiglu",
-                 lr: float = 0.0, target: str = "input", max_update: float = 0.02,
+                 lr: float = 0.0, target: str = "input", max_update: float = 0.005,
                  rngs: nnx.Rngs, dtype=jnp.float32):
         self.period, self.block, self.lr, self.target = period, block, float(lr), target
         self.max_update = float(max_update)
@@ -250,29 +279,62 @@ class CMSLevel(nnx.Module):
     def __call__(self, x: jax.Array, state: Any = None):
         if not self.in_context:
             return self.frozen(x), None
-        streaming = state is not None
         if state is None:
-            state = self.init_state(x.shape[0])
+            return self._one_pass(x)
+        return self._streaming(x, state)
+
+    def _chunk_step(self, theta, x_c, valid_c=None):
+        """(outputs at theta, the chunk's summed gradient): Eq. 71 for one chunk."""
+        eta = self.learning_rate(x_c)
+        if valid_c is not None:
+            eta = eta * valid_c[None, :]
+        return chunk_gradient(self.block, theta, x_c, self.value_target(x_c), eta,
+                              self.dtype)
+
+    def _one_pass(self, x: jax.Array):
+        """A whole sequence from the outer weights (training): the scan carries only
+        theta; a trailing partial chunk is handled after it (its sum is the
+        returned ``acc``)."""
+        b, t = x.shape[:2]
         period = self.period
-        offset = state["pos"] % period if streaming else 0
-        xs, valid, complete = to_chunks(x, offset, period, streaming)
-        block, dtype = self.block, self.dtype
+        n_full, rem = divmod(t, period)
+        theta = self.init_state(b)["theta"]
+        ys = []
+        if n_full:
+            def step(theta, x_c):
+                y_c, grad = self._chunk_step(theta, x_c)
+                return bounded_update(theta, grad, self.max_update), y_c
+
+            xs = jnp.moveaxis(x[:, :n_full * period].reshape(
+                (b, n_full, period) + x.shape[2:]), 1, 0)
+            theta, y_full = remat_scan(step, theta, xs)
+            ys.append(jnp.moveaxis(y_full, 0, 1).reshape((b, n_full * period, -1)))
+        if rem:
+            y_last, acc = self._chunk_step(theta, x[:, n_full * period:])
+            ys.append(y_last)
+        else:
+            acc = jax.tree.map(jnp.zeros_like, theta)
+        y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
+        return y, dict(theta=theta, acc=acc, pos=jnp.asarray(t, jnp.int32))
+
+    def _streaming(self, x: jax.Array, state):
+        """A segment that continues ``state`` (its chunk may have started earlier)."""
+        period = self.period
+        offset = state["pos"] % period
+        xs, valid, complete = to_chunks(x, offset, period, streaming=True)
 
         def step(carry, inputs):
             theta, acc = carry
             x_c, valid_c, complete_c = inputs
-            eta = self.learning_rate(x_c) * valid_c[None, :]
-            y_c, grad = chunk_gradient(block, theta, x_c, self.value_target(x_c), eta,
-                                       dtype)
+            y_c, grad = self._chunk_step(theta, x_c, valid_c)
             acc = jax.tree.map(jnp.add, acc, grad)
             new_theta = jax.tree.map(lambda w, w_next: jnp.where(complete_c, w_next, w),
                                      theta, bounded_update(theta, acc, self.max_update))
             acc = jax.tree.map(lambda a: jnp.where(complete_c, jnp.zeros_like(a), a), acc)
             return (new_theta, acc), y_c
 
-        (theta, acc), ys = jax.lax.scan(jax.checkpoint(step),
-                                        (state["theta"], state["acc"]),
-                                        (xs, valid, complete))
+        (theta, acc), ys = remat_scan(step, (state["theta"], state["acc"]),
+                                      (xs, valid, complete))
         y = from_chunks(ys, offset, x.shape[1])
         return y, dict(theta=theta, acc=acc, pos=state["pos"] + x.shape[1])
 
@@ -315,7 +377,7 @@ class ContinuumMemory(nnx.Module):
         lr = c.get("lr", 1e-2)
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
             raise ConfigError(f"model.cms.lr must be a number >= 0, got {lr!r}")
-        max_update = c.get("max_update", 0.02)
+        max_update = c.get("max_update", 0.005)
         if (not isinstance(max_update, (int, float)) or isinstance(max_update, bool)
                 or max_update < 0):
             raise ConfigError(f"model.cms.max_update must be a number >= 0 (0 disables "

@@ -5,6 +5,9 @@ describes a TPU slice with libtpu (``pip install -e '.[tpu]'``), builds the
 mesh over its devices, derives the sharded train state abstractly (nothing is
 allocated), lowers and compiles the jitted train step for it and reports the
 per-chip memory from XLA's memory analysis against the chip's HBM.
+``--topology local`` compiles for this machine's own devices instead (a GPU,
+or the CPU with ``--xla_force_host_platform_device_count``): the same report
+without libtpu.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from nl_jax import config as config_lib
 from nl_jax.errors import UserError
 
 # HBM per chip in GiB, by device_kind prefix.
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95,
+HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95,
            "TPU v6 lite": 32, "TPU v6e": 32}
 
 
 def topology_devices(topology: str):
+    if topology == "local":
+        return jax.devices()
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         from jax.experimental import topologies
@@ -87,7 +92,7 @@ def preflight(config, topology: str) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     config, rest = config_lib.load(argv)
     parser = argparse.ArgumentParser(prog="nl_jax aot")
-    parser.add_argument("--topology", required=True, help="e.g. v5p:4x4x8 or v5e:4x4")
+    parser.add_argument("--topology", required=True, help="e.g. v5p:4x4x8 or v5e:4x4; local: the devices of this machine")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(rest)
     report = preflight(config, args.topology)
