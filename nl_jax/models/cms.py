@@ -78,6 +78,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.errors import ConfigError
+from nl_jax.memory.scan import grouped_scan
 from nl_jax.models.layers import Dense, param
 from nl_jax.sharding import constrain
 
@@ -125,25 +126,17 @@ def remat_scan(step, carry, xs):
     """``lax.scan(step, carry, xs)`` whose backward keeps O(sqrt(n)) carries.
 
     The per-sequence weights are the carry (B x |theta|, the largest tensor of
-    the level), so a plain scan keeps n of them for the backward pass.  The n
-    chunks run in about sqrt(n) checkpointed groups of checkpointed steps: the
-    backward keeps the group-boundary carries, recomputes one group and keeps
-    its step carries, ~2 sqrt(n) in all.  Steps beyond a multiple of the group
-    run as a last, shorter scan.
+    the level), so a plain scan keeps n of them for the backward pass.  The
+    chunks run as ``grouped_scan`` over ~sqrt(n) groups of checkpointed steps:
+    the backward keeps the group-boundary carries, recomputes one group and
+    keeps its step carries, ~2 sqrt(n) in all.  Steps beyond a multiple of the
+    group run as a last, shorter scan.
     """
     n = jax.tree.leaves(xs)[0].shape[0]
     group = max(1, math.isqrt(n))
     n_grouped = (n // group) * group
     step = jax.checkpoint(step)
-    head = jax.tree.map(lambda a: a[:n_grouped].reshape((n_grouped // group, group)
-                                                        + a.shape[1:]), xs)
-
-    @jax.checkpoint
-    def group_step(c, g):
-        return jax.lax.scan(step, c, g)
-
-    carry, ys = jax.lax.scan(group_step, carry, head)
-    ys = jax.tree.map(lambda y: y.reshape((n_grouped,) + y.shape[2:]), ys)
+    carry, ys = grouped_scan(step, carry, jax.tree.map(lambda a: a[:n_grouped], xs), group)
     if n_grouped < n:
         carry, tail = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[n_grouped:], xs))
         ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
