@@ -26,7 +26,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int, mixer: st
         mlp_expansion=4,       # hidden width 4 x head_dim (project choice)
         chunk_size=64,         # inner mini-batch size (project choice; divides 4096)
         path="chunked",
-        remat_every=1,
+        remat_every=4,
         segment_len=512,       # MAC segment length (project choice; divides 4096)
         n_persistent=4,        # persistent memory tokens (project choice)
         window=512,            # MAG/MAL sliding window (project choice)

@@ -22,7 +22,7 @@ def get_config():
         mlp_expansion=2,
         chunk_size=16,        # tokens per mini-batch of the inner GD (Eq. 16-18)
         path="chunked",
-        remat_every=1,
+        remat_every=4,
         segment_len=32,       # MAC segment length (titans_mac only)
         n_persistent=4,       # learned persistent memory tokens (attention keys/values)
         window=32,            # sliding attention window (titans_mag / titans_mal)

@@ -8,10 +8,10 @@ and a dense 2048 x 2048 fp32 matmul measured in the same run for reference.
 FLOP counts (multiply-adds count 2), per (batch, head):
 
 * chunked, per chunk of C tokens with d = d_k = d_v (the algorithm's useful
-  matmuls; the constant 0/1 segment-sum GEMMs of the gates are not counted):
-  G = La (Le theta) 2C^3, f = La m 2C^2; in the scan E = K M^T 2Cd^2 and the
-  two state updates K^T (E * g) 4Cd^2; outputs Q K^T 2C^2 d, ((QK^T) * G) E
-  2C^2 d, Q M^T and Q S^T 4Cd^2.  Total 2C^3 + 2C^2 + 10Cd^2 + 4C^2 d.
+  matmuls; the gates' prefix-sum and last-row products, O(C^2), are not
+  counted): G = La (Le theta) 2C^3, f = La m 2C^2; in the scan [K; Q] M^T
+  4Cd^2 and the two state updates K^T (E * g) 4Cd^2; outputs Q K^T 2C^2 d,
+  ((QK^T) * G) E 2C^2 d and Q S^T 2Cd^2.  Total 2C^3 + 2C^2 + 10Cd^2 + 4C^2 d.
 * oracle, per token: M k 2d^2, the outer-product gradient 2d^2, the S update
   3d^2, the M update 3d^2, M q 2d^2: 12 d^2.
 * forward+backward counts 3x the forward FLOPs (backward ~ 2x forward).

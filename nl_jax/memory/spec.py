@@ -36,7 +36,8 @@ class MemorySpec:
       chunk_size: C; all gradients of a chunk are taken at the chunk-start state.
         C = 1 is the exact per-token recurrence.
       path: ``"oracle"`` (per-token lax.scan) or ``"chunked"`` (dual form).
-      remat_every: chunks per rematerialised scan segment on the chunked path.
+      remat_every: chunks per rematerialised scan segment on the chunked path
+        (the linear fast path processes chunks in blocks of this size).
     """
 
     kind: str = "linear"
@@ -48,7 +49,7 @@ class MemorySpec:
     mlp_expansion: int = 2
     chunk_size: int = 64
     path: str = "chunked"
-    remat_every: int = 1
+    remat_every: int = 4
 
     def __post_init__(self):
         _choice("kind", self.kind, KINDS)
