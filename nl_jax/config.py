@@ -19,7 +19,8 @@ import difflib
 import importlib.util
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -118,7 +119,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
                 known = _all_keys(config)
                 close = difflib.get_close_matches(key, known, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                siblings = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                siblings = (sorted(node.keys())
+                            if isinstance(node, ml_collections.ConfigDict) else [])
                 raise ConfigError(f"unknown config key {key!r}{hint} (keys under "
                                   f"{where}: {', '.join(siblings)})")
             if i < len(parts) - 1:
@@ -216,7 +218,8 @@ def seq_len_divisors(config) -> list[tuple[str, int]]:
     found = []
     model = config.model
     for group, keys in (("memory", ("chunk_size", "segment_len")),
-                        ("self_modifying", ("chunk_size", "memory_chunk_size", "chunk_size_memory"))):
+                        ("self_modifying",
+                         ("chunk_size", "memory_chunk_size", "chunk_size_memory"))):
         if group in model and isinstance(model[group], ml_collections.ConfigDict):
             for k in keys:
                 v = model[group].get(k)

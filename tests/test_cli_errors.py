@@ -1,6 +1,5 @@
 """Bad input: exit code 2 and one clear message naming the key/file; no traceback."""
 
-import os
 
 import pytest
 

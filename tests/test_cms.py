@@ -133,7 +133,7 @@ def test_in_context_gradients_match_loop(period, t):
 
     g_fast = jax.jit(jax.grad(fast, argnums=(0, 1)))(params, x)
     g_slow = jax.jit(jax.grad(slow, argnums=(0, 1)))(params, x)
-    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     assert float(jnp.abs(g_fast[0]["levels"][0]["lr_proj"][...]).max()) > 0
     del level
@@ -146,7 +146,7 @@ def test_streaming_segments_equal_one_pass():
     y1, s1 = cms(x[:, :3])
     y2, s2 = cms(x[:, 3:], s1)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 

@@ -51,7 +51,7 @@ def _take(it, n):
 
 
 def _same(batches_a, batches_b):
-    return all(np.array_equal(a[k], b[k]) for a, b in zip(batches_a, batches_b)
+    return all(np.array_equal(a[k], b[k]) for a, b in zip(batches_a, batches_b, strict=True)
                for k in ("inputs", "targets"))
 
 
@@ -75,7 +75,8 @@ def test_bundled_bpe_is_what_the_tokenizer_command_makes(tmp_path):
     rc = tok_lib.main(["--files", os.path.join(ASSETS, "corpus", "train", "*.txt"),
                        "--vocab-size", "2048", "--out", str(out)])
     assert rc == 0
-    assert out.read_bytes() == open(BPE_PATH, "rb").read()
+    with open(BPE_PATH, "rb") as f:
+        assert out.read_bytes() == f.read()
 
 
 def test_bpe_json_round_trip_and_special_token(bpe, alice_text):
@@ -169,9 +170,9 @@ def test_tokenizer_errors(tmp_path):
     with pytest.raises(DataError, match=r"broken\.model"):
         tok_lib.load_tokenizer({"kind": "sentencepiece", "path": "broken.model"},
                                str(tmp_path))
-    with pytest.raises(DataError, match="neither encoder.json"):
+    with pytest.raises(DataError, match=r"neither encoder\.json"):
         tok_lib.load_tokenizer({"kind": "gpt2", "path": "."}, str(tmp_path))
-    with pytest.raises(ConfigError, match="data.tokenizer.kind"):
+    with pytest.raises(ConfigError, match=r"data\.tokenizer\.kind"):
         tok_lib.load_tokenizer({"kind": "wordpiece", "path": "x"}, str(tmp_path))
 
 
@@ -211,8 +212,8 @@ def test_cache_key_depends_on_the_tokenizer(tmp_path, bpe, alice_text):
 def test_bom_and_crlf_are_normalised(tmp_path, bpe):
     lf = tmp_path / "lf.txt"
     crlf = tmp_path / "crlf.txt"
-    lf.write_bytes("First line.\nSecond “line”.\n".encode("utf-8"))
-    crlf.write_bytes(b"\xef\xbb\xbf" + "First line.\r\nSecond “line”.\r\n".encode("utf-8"))
+    lf.write_bytes("First line.\nSecond “line”.\n".encode())
+    crlf.write_bytes(b"\xef\xbb\xbf" + "First line.\r\nSecond “line”.\r\n".encode())
     assert text_files.read_text(str(crlf)) == text_files.read_text(str(lf))
     a = token_cache.tokenize_files([str(lf)], bpe)
     b = token_cache.tokenize_files([str(crlf)], bpe)
@@ -235,7 +236,7 @@ def test_windows_are_corpus_slices_with_shifted_targets(small_cfg, bpe):
     assert batch["inputs"].shape == batch["targets"].shape == (8, 32)
     assert batch["inputs"].dtype == np.int32
     corpus = np.asarray(cache.tokens, np.int64)
-    for x, y in zip(batch["inputs"], batch["targets"]):
+    for x, y in zip(batch["inputs"], batch["targets"], strict=True):
         starts = [s for s in range(0, corpus.size - 32, 32) if corpus[s] == x[0]
                   and np.array_equal(corpus[s:s + 32], x)]
         assert starts, "every input row is a window starting at a multiple of seq_len"
@@ -259,7 +260,7 @@ def test_same_seed_same_batches_other_seed_differs(small_cfg, bpe):
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
     # 40 batches run past the end of the first epoch: the stream keeps going.
     windows = pipeline.token_count_summary(small_cfg, bpe, base_dir=REPO)["train"]["windows"]
-    assert 40 * 8 > windows
+    assert windows < 40 * 8
     assert all(x["inputs"].shape == (8, 32) for x in a)
 
 

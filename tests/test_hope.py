@@ -80,7 +80,7 @@ def test_hope_streaming_two_segments_equals_one_pass():
     a, s1 = forward(model, toks[:, :5])
     b, s2 = forward(model, toks[:, 5:], s1)
     np.testing.assert_allclose(np.concatenate([a, b], 1), full, atol=1e-5, rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(s2), jax.tree.leaves(state)):
+    for x, y in zip(jax.tree.leaves(s2), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
 
 

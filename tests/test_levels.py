@@ -58,7 +58,7 @@ def test_every_k_equals_optax_multisteps():
         p1 = optax.apply_updates(p1, u1)
         u2, s2 = reference.update(jax.grad(loss)(p2), s2, p2)
         p2 = optax.apply_updates(p2, u2)
-        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not np.allclose(p1["w"], params["w"])
 
@@ -158,7 +158,7 @@ def test_levels_state_resumes_bitwise_through_orbax(tmp_path):
     for _ in range(3):
         p, s = step(p, s)
         rp, rs = step(rp, rs)
-    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((rp, rs))):
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((rp, rs)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

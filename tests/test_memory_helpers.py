@@ -23,4 +23,4 @@ def perturbed(params, seed, scale=0.2):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree.unflatten(tree, [x + scale * jax.random.normal(kk, x.shape)
-                                     for x, kk in zip(leaves, keys)])
+                                     for x, kk in zip(leaves, keys, strict=True)])

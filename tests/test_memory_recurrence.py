@@ -75,7 +75,7 @@ def test_per_token_rule_matches_hand_loop(kind, dgd):
                                                            eta, alpha)
         np.testing.assert_allclose(np.asarray(y)[0, :, 0], y_ref, atol=1e-5, rtol=1e-5,
                                    err_msg=path)
-        for i, (w, s) in enumerate(zip(w_ref, s_ref)):
+        for i, (w, s) in enumerate(zip(w_ref, s_ref, strict=True)):
             np.testing.assert_allclose(state.params[f"w{i}"][0, 0], w, atol=1e-5, rtol=1e-5)
             np.testing.assert_allclose(state.momentum[f"w{i}"][0, 0], s, atol=1e-5,
                                        rtol=1e-5)

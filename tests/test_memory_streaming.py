@@ -6,8 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from nl_jax.memory import (MemorySpec, apply_memory, apply_memory_optax,
-                           init_memory_params, initial_optax_state, initial_state)
+from nl_jax.memory import (
+    MemorySpec,
+    apply_memory,
+    apply_memory_optax,
+    init_memory_params,
+    initial_optax_state,
+    initial_state,
+)
 from tests.test_memory_helpers import perturbed, random_inputs
 
 B, H, D = 2, 2, 4
@@ -23,7 +29,7 @@ def _split(x, lengths):
 
 
 def _assert_trees_close(a, b, atol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, atol=atol)
 
 
@@ -36,7 +42,7 @@ def test_segments_equal_one_pass(kind, path):
     state = initial_state(spec, params, B)
     y_full, state_full = run(spec, params, *inputs, state)
     ys = []
-    for seg in zip(*(_split(x, SEGMENTS) for x in inputs)):
+    for seg in zip(*(_split(x, SEGMENTS) for x in inputs), strict=True):
         y, state = run(spec, params, *seg, state)
         ys.append(y)
     np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y_full, atol=1e-5)
@@ -50,7 +56,7 @@ def _hand_optax_loop(opt, w0, q, k, v, chunk):
     for start in range(0, q.shape[0], chunk):
         sl = slice(start, start + chunk)
         ys.append(q[sl] @ w.T)
-        grad = jax.grad(lambda w_: jnp.sum((k[sl] @ w_.T - v[sl]) ** 2))(w)
+        grad = jax.grad(lambda w_, k_=k[sl], v_=v[sl]: jnp.sum((k_ @ w_.T - v_) ** 2))(w)
         updates, opt_state = opt.update(grad, opt_state, w)
         w = w + updates
     return jnp.concatenate(ys), w
@@ -95,7 +101,7 @@ def test_optax_segments_equal_one_pass():
     state = initial_optax_state(spec, params, opt, B)
     y_full, state_full = run(spec, params, opt, q, k, v, state)
     ys = []
-    for seg in zip(*(_split(x, SEGMENTS) for x in (q, k, v))):
+    for seg in zip(*(_split(x, SEGMENTS) for x in (q, k, v)), strict=True):
         y, state = run(spec, params, opt, *seg, state)
         ys.append(y)
     np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y_full, atol=1e-5)

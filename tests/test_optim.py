@@ -113,7 +113,7 @@ def test_delta_momentum_wide_matrix_uses_same_rule():
     outs, _ = run(dict(name="delta_momentum", learning_rate=0.1, momentum=0.9),
                   [{"w": arr(g)} for g in gs], {"w": jnp.zeros((2, 3))})
     m = np.zeros((2, 3))
-    for g, u in zip(gs, outs):
+    for g, u in zip(gs, outs, strict=True):
         m = m @ (0.9 * np.eye(3) - g.T @ g) - 0.1 * g
         close(u["w"], m, 1e-5)
 
@@ -209,7 +209,7 @@ def test_dmgd_inner_gradients_are_those_of_the_dot_objective():
     b, w1, w2 = (arr(rng.normal(size=s)) for s in ((3, 2), (2, 4), (4, 2)))
     objective = lambda b, w1, w2: jnp.sum(memory_read(b, w1, w2, u) * u)  # noqa: E731
     auto = jax.grad(objective, argnums=(0, 1, 2))(b, w1, w2)
-    for closed, ad in zip(inner_gradients(w1, w2, u), auto):
+    for closed, ad in zip(inner_gradients(w1, w2, u), auto, strict=True):
         close(closed, ad, 1e-5)
 
 
@@ -217,11 +217,11 @@ def test_dmgd_eq_50_two_steps():
     a, lr, scale = 0.5, 0.1, 2.0
     spec = dict(name="dmgd", learning_rate=lr, momentum=a, hidden=2, mlp_lr_scale=scale)
     gs = [np.array([[1.0, -2.0]]), np.array([[0.5, 1.5]])]
-    outs, state = run(spec, [{"w": arr(g)} for g in gs], {"w": jnp.zeros((1, 2))})
+    outs, _ = run(spec, [{"w": arr(g)} for g in gs], {"w": jnp.zeros((1, 2))})
     tx = build_optimizer(spec, 100)
     w1 = np.asarray(tx.init({"w": jnp.zeros((1, 2))}).inner_state.w1["w"], np.float64)
     b, w2 = np.zeros((1, 2)), np.zeros((2, 2))
-    for g, u in zip(gs, outs):
+    for g, u in zip(gs, outs, strict=True):
         h = np.tanh(g @ w1)
         d_w2 = h.T @ g
         d_w1 = g.T @ ((g @ w2.T) * (1 - h * h))
@@ -293,7 +293,7 @@ def test_resume_from_checkpoint_is_bitwise(name, tmp_path):
     for _ in range(3):
         p, s = step(p, s)
         rp, rs = step(rp, rs)
-    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((rp, rs))):
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves((rp, rs)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.structure(s) == jax.tree.structure(rs)
 

@@ -47,7 +47,7 @@ def inputs(t, seed=1):
 def assert_close_trees(a, b, tol):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         assert_close(x, y, tol)
 
 
@@ -151,7 +151,8 @@ def test_dgd_layer_chunk_matches_explicit_recurrence():
     out, w_c, s_c = dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, q, True)
     w, s = np.asarray(w0, np.float64), np.asarray(s0, np.float64)
     a, delta, q, eta = (np.asarray(v, np.float64) for v in (a, delta, q, eta))
-    alpha, beta = np.exp(np.asarray(log_alpha, np.float64)), np.exp(np.asarray(log_beta, np.float64))
+    alpha = np.exp(np.asarray(log_alpha, np.float64))
+    beta = np.exp(np.asarray(log_beta, np.float64))
     for t in range(c):
         np.testing.assert_allclose(out[t], w @ q[t], atol=1e-5, rtol=1e-5)
         ahat = a[t] / np.sqrt(a[t] @ a[t] + 1e-6)
@@ -193,12 +194,15 @@ def test_inner_gradient_clip_matches_oracle_and_bounds_states():
     assert float(jnp.abs(y_free - y_fast).max()) > 1e-4      # the clip is active
     cur = s_fast["memory"]["mem"][0]
     init = {k: v[...] for k, v in fast.memories["memory"].items()}
-    frob = lambda w: jnp.sqrt(jnp.sum(w ** 2, axis=(-2, -1)))
+
+    def frob(w):
+        return jnp.sqrt(jnp.sum(w ** 2, axis=(-2, -1)))
+
     for k in cur:
         assert bool(jnp.all(jnp.isfinite(cur[k])))
         assert bool(jnp.all(frob(cur[k]) <= frob(init[k])[None] + t * t * clip / c + 1e-5))
 
 
 def test_bad_grad_clip_raises_config_error():
-    with pytest.raises(ConfigError, match="model.self_modifying.grad_clip"):
+    with pytest.raises(ConfigError, match=r"model\.self_modifying\.grad_clip"):
         SelfModifyingTitans(make_cfg(grad_clip=-1.0), rngs=nnx.Rngs(0))

@@ -1,10 +1,8 @@
 """One train step on an 8-device (fsdp x tensor) mesh == the single-device step."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from experiments import base
 from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
@@ -55,7 +53,6 @@ def test_fsdp_tensor_mesh_step_equals_single_device():
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=0, atol=1e-5)
     assert float(m1["grad_norm"]) > 1e-3  # the step really moves the parameters
-    for a, b in zip(jax.tree.leaves(single["params"]), jax.tree.leaves(sharded["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(single["opt_state"]), jax.tree.leaves(sharded["opt_state"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+    for key in ("params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(single[key]), jax.tree.leaves(sharded[key]), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

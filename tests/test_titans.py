@@ -49,7 +49,7 @@ def jitted(model):
     return run, params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_run(name):
     """One jitted default model per variant, shared by tests (fewer compiles)."""
     return jitted(build(name))
@@ -110,7 +110,7 @@ def test_streaming_equals_one_pass(name):
     y1, s1 = run(params, x[:, :16], None)
     y2, s2 = run(params, x[:, 16:], s1)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, atol=2e-5)
-    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
@@ -133,7 +133,10 @@ def test_memory_learns_a_repeated_token_without_overshooting():
     core = titans.MemoryCore(cfg, titans.memory_spec_from_config(cfg), rngs=nnx.Rngs(0))
     x = jnp.broadcast_to(jax.random.normal(jax.random.key(5), (B, 1, D)), (B, 64, D))
     _, state = jax.jit(lambda x: core.memorize(x))(x)
-    split = lambda a: a.reshape(B, 64, H, D // H)[:, -1]
+
+    def split(a):
+        return a.reshape(B, 64, H, D // H)[:, -1]
+
     k = l2_normalize(split(jax.nn.silu(core.conv_k(core.wk(x))[0])))
     v = split(jax.nn.silu(core.conv_v(core.wv(x))[0]))
     w = state.memory.params["w0"]  # [B, H, d_v, d_k]
@@ -152,7 +155,7 @@ def _oracle_and_chunked(name, kind, with_grads):
             results.append((run(params, x, None)[0], {}))
             continue
 
-        def loss(p):
+        def loss(p, run=run):
             y = run(p, x, None)[0]
             return jnp.sum(jnp.sin(y)), y
 
@@ -183,7 +186,10 @@ def test_sliding_window_attention_matches_causal_attention():
     @jax.jit
     def both(state, x):
         attn = nnx.merge(graphdef, state)
-        split = lambda a: a.reshape(a.shape[:2] + (H, D // H))
+
+        def split(a):
+            return a.reshape(a.shape[:2] + (H, D // H))
+
         pos = jnp.arange(x.shape[1])[None]
         q = rope(split(attn.wq(x)), pos)
         k = rope(split(attn.wk(x)), pos)

@@ -55,7 +55,7 @@ def test_resume_is_bitwise_exact(runs):
     tmp, one, two, _ = runs
     a, b = restored(tiny_config(tmp, STEPS), one), restored(tiny_config(tmp, STEPS), two)
     assert int(a.state["step"]) == int(b.state["step"]) == STEPS
-    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     nxt_a, nxt_b = next(a.data), next(b.data)
     for k in ("inputs", "targets"):
@@ -69,7 +69,8 @@ def test_resume_is_bitwise_exact(runs):
 def test_workdir_outputs(runs):
     _, one, _, final = runs
     assert os.path.isdir(os.path.join(one, "checkpoints", str(STEPS)))
-    records = [json.loads(l) for l in open(os.path.join(one, "metrics.jsonl"))]
+    with open(os.path.join(one, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
     train_steps = [r["step"] for r in records if r["split"] == "train"]
     assert train_steps == list(range(1, STEPS + 1))
     assert {"loss", "perplexity", "tokens_per_s", "step_ms", "grad_norm", "lr"} <= set(records[0])
@@ -96,6 +97,7 @@ def test_resume_with_incompatible_config_is_refused(runs, capsys):
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import jax.numpy as jnp
+
     from nl_jax.train import loop
 
     real = loop.make_train_step

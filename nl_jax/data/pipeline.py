@@ -157,7 +157,7 @@ class TrainBatchIterator:
         self.num_tokens = num_tokens
         self.num_windows = num_windows(num_tokens, seq_len)
 
-    def __iter__(self) -> "TrainBatchIterator":
+    def __iter__(self) -> TrainBatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

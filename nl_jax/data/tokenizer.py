@@ -172,8 +172,8 @@ def load_tokenizer(tok_cfg, base_dir: str) -> Tokenizer:
 
     Relative paths are taken from `base_dir` (the repository root).
     """
-    kind = tok_cfg["kind"] if "kind" in tok_cfg else None
-    path = tok_cfg["path"] if "path" in tok_cfg else None
+    kind = tok_cfg.get("kind")
+    path = tok_cfg.get("path")
     if kind not in KINDS:
         raise ConfigError(f"data.tokenizer.kind={kind!r} is not one of {', '.join(KINDS)}")
     if not path:

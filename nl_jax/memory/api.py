@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nl_jax.errors import ConfigError
-from nl_jax.memory import maps
-from nl_jax.memory import linear_chunked
+from nl_jax.memory import linear_chunked, maps
 from nl_jax.memory.chunked import chunked_head
 from nl_jax.memory.oracle import oracle_head
 from nl_jax.memory.spec import MemorySpec, MemoryState
@@ -113,7 +112,7 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
     Returns:
       y ``[B, T, H, d_v]`` fp32 with y_t = M_t(q_t), and the final state.
     """
-    b, t, h, d_k, d_v = check_inputs(q, k, v, (("theta", theta), ("eta", eta),
+    b, t, _, d_k, d_v = check_inputs(q, k, v, (("theta", theta), ("eta", eta),
                                                 ("alpha", alpha)))
     check_dims(spec, d_k, d_v)
     if state is None:

@@ -27,7 +27,6 @@ same gate matrices combine; with C = 1 it is exactly NL Eq. 57
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from nl_jax.memory import maps
 from nl_jax.memory.gates import chunk_gates
@@ -51,7 +50,7 @@ def chunked_head(spec: MemorySpec, weights, momentum, q, k, v, theta, eta, alpha
         inputs, errors = maps.layer_directions(spec, w, k_c, v_c)
         w_new = []
         s_new = []
-        for w_l, s_l, x_l, err_l in zip(w, s, inputs, errors):
+        for w_l, s_l, x_l, err_l in zip(w, s, inputs, errors, strict=True):
             if spec.momentum:
                 step_w, step_s = maps.rank_one_sums(err_l, x_l, (e_gate, e_mgate))
                 w_new.append(e_beta * w_l + e_f * s_l - step_w)

@@ -13,7 +13,7 @@ that the per-token step is E_j X_j^T.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,7 @@ def init_weights(spec: MemorySpec, key: jax.Array, num_heads: int, d_k: int,
         return {"w0": jnp.zeros((num_heads,) + shapes[0], jnp.float32)}
     keys = jax.random.split(key, len(shapes))
     return {f"w{i}": jax.random.normal(kk, (num_heads, o, n), jnp.float32) / jnp.sqrt(n)
-            for i, (kk, (o, n)) in enumerate(zip(keys, shapes))}
+            for i, (kk, (o, n)) in enumerate(zip(keys, shapes, strict=True))}
 
 
 def _act(x: jax.Array) -> jax.Array:
@@ -112,7 +112,7 @@ def dgd_direction(spec: MemorySpec, weights: Weights, key: jax.Array) -> Weights
     """
     _, inputs, _ = forward(spec, weights, key)
     return jax.grad(lambda ws: 0.5 * sum(jnp.sum(jnp.square(_dot_t(x, w)))
-                                         for x, w in zip(inputs, ws)))(tuple(weights))
+                                         for x, w in zip(inputs, ws, strict=True)))(tuple(weights))
 
 
 def layer_directions(spec: MemorySpec, weights: Weights, keys: jax.Array,
@@ -131,7 +131,7 @@ def layer_directions(spec: MemorySpec, weights: Weights, keys: jax.Array,
 
     errors, (inputs, linear_outs) = jax.grad(loss, has_aux=True)(zeros)
     if spec.dgd:
-        errors = [e + lo for e, lo in zip(errors, linear_outs)]
+        errors = [e + lo for e, lo in zip(errors, linear_outs, strict=True)]
     return list(inputs), list(errors)
 
 
@@ -150,7 +150,7 @@ def dual_form_outputs(spec: MemorySpec, weights: Weights, momentum: Weights,
     n = len(weights)
     out = None
     c = queries.shape[0]
-    for i, (w, x, e) in enumerate(zip(weights, inputs, errors)):
+    for i, (w, x, e) in enumerate(zip(weights, inputs, errors, strict=True)):
         d_out = w.shape[0]
         stacked = [x, w, momentum[i]] if use_momentum else [x, w]
         proj = _dot_t(z, jnp.concatenate(stacked, axis=0))

@@ -101,7 +101,7 @@ def apply_memory_optax(spec: MemorySpec, init_params: dict,
       y ``[B, T, H, d_v]`` fp32 (y_t read from the chunk-start weights) and the
       final state.  Streaming equals one pass when segments are multiples of C.
     """
-    b, t, h, d_k, d_v = check_inputs(q, k, v)
+    b, t, _, d_k, d_v = check_inputs(q, k, v)
     check_dims(spec, d_k, d_v)
     if state is None:
         state = initial_optax_state(spec, init_params, inner_opt, b)

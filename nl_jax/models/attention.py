@@ -53,7 +53,10 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, state=None):
         b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, self.n_heads, self.head_dim)
+
+        def split(y):
+            return y.reshape(b, t, self.n_heads, self.head_dim)
+
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
         pos = jnp.arange(t)[None]
         q, k = rope(q, pos, self.rope_theta), rope(k, pos, self.rope_theta)

@@ -385,7 +385,7 @@ class ContinuumMemory(nnx.Module):
         self.levels = nnx.List([
             CMSLevel(cfg.d_model, f, period=p, block=block, lr=lr, target=target,
                      max_update=max_update, rngs=rngs, dtype=dtype)
-            for p, f in zip(periods, d_ffs)])
+            for p, f in zip(periods, d_ffs, strict=True)])
         if self.variant == "independent":
             self.mix_logits = param(rngs, jnp.zeros(()), (len(periods),), (None,))
 
@@ -395,14 +395,14 @@ class ContinuumMemory(nnx.Module):
         if self.variant == "independent":
             weights = jax.nn.softmax(self.mix_logits[...])
             y = None
-            for i, (level, s) in enumerate(zip(self.levels, states)):
+            for i, (level, s) in enumerate(zip(self.levels, states, strict=True)):
                 out, s = level(x, s)
                 term = weights[i].astype(out.dtype) * out
                 y = term if y is None else y + term
                 new_states.append(s)
             return y, tuple(new_states)
         h, y = x, None
-        for level, s in zip(self.levels, states):
+        for level, s in zip(self.levels, states, strict=True):
             delta, s = level(h, s)
             y = delta if y is None else y + delta
             h = h + delta.astype(h.dtype)

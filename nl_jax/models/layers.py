@@ -10,7 +10,7 @@ Conventions used by every model in nl_jax:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -95,7 +95,7 @@ class LanguageModel(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         states = state if state is not None else (None,) * len(self.blocks)
         new_states = []
-        for block, s in zip(self.blocks, states):
+        for block, s in zip(self.blocks, states, strict=True):
             x, s = block(x, s)
             new_states.append(s)
         x = self.final_norm(x)

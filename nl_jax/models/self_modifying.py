@@ -199,7 +199,7 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, queries, dgd: bo
     """One chunk of one layer's update, closed form (WY representation).
 
     Recurrence (per token t of the chunk, ``ahat, u`` from ``a, delta``):
-        S_t = beta_t S_{t-1} - eta_t u_t ahat_t^T            (``s0`` None: S_t = -eta_t u_t ahat_t^T)
+        S_t = beta_t S_{t-1} - eta_t u_t ahat_t^T      (``s0`` None: S_t = -eta_t u_t ahat_t^T)
         W_t = alpha_t W_{t-1} - [dgd] eta_t (W_{t-1} ahat_t) ahat_t^T + valid_t S_t
     Padding tokens (``valid`` 0, with eta 0, alpha = beta = 1) leave W and S
     unchanged.  Returns ``(W_{t-1} q_t for each query row, W_C, S_C)``.
@@ -521,8 +521,13 @@ class SelfModifyingTitans(nnx.Module):
         dh, hidden = self.head_dim, c["hidden_mult"] * (d // h)
         dtype = jnp.dtype(cfg.dtype)
         window = c["conv_window"]
-        proj = lambda: Dense(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
-        conv = lambda: CausalConv(d, window, rngs=rngs, axis_name="heads")
+
+        def proj():
+            return Dense(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype)
+
+        def conv():
+            return CausalConv(d, window, rngs=rngs, axis_name="heads")
+
         self.convs = nnx.Dict()
         self.proj = nnx.Dict()
         streams = list(spec.plain_vectors) + (["u"] if spec.adaptive else [])
@@ -565,7 +570,8 @@ class SelfModifyingTitans(nnx.Module):
                             ("memory_heads", None)),
                     b=param(rngs, jnp.asarray(bias, jnp.float32), (h,), ("memory_heads",)))
         for name in spec.plain_gates:
-            self.gate_proj[name].bias[...] = jnp.full((h,), -2.0 if name == "eta" else 4.0, jnp.float32)
+            bias = -2.0 if name == "eta" else 4.0
+            self.gate_proj[name].bias[...] = jnp.full((h,), bias, jnp.float32)
 
     # -- state ------------------------------------------------------------
     def _initial_memory_state(self, batch: int):
@@ -579,7 +585,10 @@ class SelfModifyingTitans(nnx.Module):
                                     *[weights[b] for b in self.spec.adaptive])
                        if self.spec.adaptive else {})
         mem = expand(weights["memory"])
-        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+        def zeros(tree):
+            return jax.tree.map(jnp.zeros_like, tree)
+
         mom_o = zeros(other) if self.spec.momentum else None
         mom_m = zeros(mem) if self.spec.momentum else None
         return dict(pos=jnp.zeros((), jnp.int32), other=(other, mom_o, other),

@@ -45,9 +45,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.errors import ConfigError
-from nl_jax.memory import (MemorySpec, MemoryState, apply_memory, init_memory_params,
-                           initial_state)
-from nl_jax.memory import maps
+from nl_jax.memory import (
+    MemorySpec,
+    MemoryState,
+    apply_memory,
+    init_memory_params,
+    initial_state,
+    maps,
+)
 from nl_jax.models.layers import CausalConv, Dense, RMSNorm, l2_normalize, param, rope
 from nl_jax.sharding import constrain
 
@@ -350,7 +355,7 @@ class MemoryAsGate(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         spec = memory_spec_from_config(cfg)
-        n_heads, head_dim = _heads(cfg)
+        _, head_dim = _heads(cfg)
         self.attention = SlidingWindowAttention(
             cfg, attention_window(cfg), memory_int(cfg, "n_persistent", 0, 0), rngs=rngs)
         self.memory = MemoryCore(cfg, spec, rngs=rngs)

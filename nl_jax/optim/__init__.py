@@ -9,5 +9,12 @@ from nl_jax.optim.newton_schulz import newton_schulz, scale_by_newton_schulz
 from nl_jax.optim.registry import OPTIMIZERS, OptimizerBuilder, build_optimizer
 from nl_jax.optim.schedules import SCHEDULES, build_schedule
 
-__all__ = ["OPTIMIZERS", "OptimizerBuilder", "build_optimizer", "SCHEDULES",
-           "build_schedule", "newton_schulz", "scale_by_newton_schulz"]
+__all__ = [
+           "OPTIMIZERS",
+           "SCHEDULES",
+           "OptimizerBuilder",
+           "build_optimizer",
+           "build_schedule",
+           "newton_schulz",
+           "scale_by_newton_schulz",
+]

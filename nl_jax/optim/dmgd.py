@@ -95,7 +95,7 @@ def dmgd(learning_rate, momentum: float = 0.9, mlp_lr_scale: float = 1.0,
         g_leaves, treedef = jax.tree.flatten(grads)
         results = [leaf_update(g, b, w1, w2) for g, b, w1, w2 in zip(
             g_leaves, treedef.flatten_up_to(state.bias), treedef.flatten_up_to(state.w1),
-            treedef.flatten_up_to(state.w2))]
+            treedef.flatten_up_to(state.w2), strict=True)]
         unflatten = lambda i: jax.tree.unflatten(treedef, [r[i] for r in results])  # noqa: E731
         return unflatten(0), DMGDState(unflatten(1), unflatten(2), unflatten(3))
 

@@ -20,7 +20,8 @@ Eq. 33, ``weight_decay`` decoupled weight decay.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import optax

@@ -13,7 +13,8 @@ the optimizer's ``learning_rate``:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import optax
 

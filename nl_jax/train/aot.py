@@ -24,8 +24,8 @@ from nl_jax import config as config_lib
 from nl_jax.errors import UserError
 
 # HBM per chip in GiB, by device_kind prefix.
-HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95,
-           "TPU v6 lite": 32, "TPU v6e": 32}
+HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "TPU v4": 32, "TPU v5 lite": 16,
+           "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95, "TPU v6 lite": 32, "TPU v6e": 32}
 
 
 def topology_devices(topology: str):
@@ -35,7 +35,7 @@ def topology_devices(topology: str):
     try:
         from jax.experimental import topologies
         topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # noqa: BLE001 - libtpu raises several kinds
+    except Exception as e:
         raise UserError(f"aot: cannot describe TPU topology {topology!r} ({e}). Install "
                         f"the TPU extra (pip install -e '.[tpu]') and give a name like "
                         f"v5p:2x2x1 or v5e:4x4") from None
@@ -72,7 +72,10 @@ def preflight(config, topology: str) -> dict[str, Any]:
     kind = devices[0].device_kind
     hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
                 if kind.startswith(k)), None)
-    gib = lambda b: b / 2**30
+
+    def gib(n_bytes):
+        return n_bytes / 2**30
+
     per_chip = gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
                    + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
@@ -92,7 +95,8 @@ def preflight(config, topology: str) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     config, rest = config_lib.load(argv)
     parser = argparse.ArgumentParser(prog="nl_jax aot")
-    parser.add_argument("--topology", required=True, help="e.g. v5p:4x4x8 or v5e:4x4; local: the devices of this machine")
+    parser.add_argument("--topology", required=True,
+                        help="e.g. v5p:4x4x8 or v5e:4x4; local: the devices of this machine")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(rest)
     report = preflight(config, args.topology)

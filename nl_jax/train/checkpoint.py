@@ -101,4 +101,4 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
     shards = jax.tree.leaves(shardings)
     assert len(leaves) == len(shards), (len(leaves), len(shards))
     return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                              for x, s in zip(leaves, shards)])
+                              for x, s in zip(leaves, shards, strict=True)])

@@ -6,7 +6,8 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nl_jax.config import resolve_mesh_shape
 from nl_jax.sharding import logical_to_mesh_spec

@@ -29,7 +29,8 @@ class MetricsWriter:
         if enabled:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._file = open(self.path, "a", encoding="utf-8")
+            # open for the writer's lifetime; closed by close()
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -10,7 +10,7 @@ logical axis names, and jits the initialiser with those ``out_shardings``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ def opt_state_shardings(abstract_opt_state, abstract_params, p_shard, mesh: Mesh
     """
     by_suffix: dict[tuple, Any] = {}
     for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-                                jax.tree.leaves(p_shard)):
+                                jax.tree.leaves(p_shard), strict=True):
         by_suffix[(_path_key(path), leaf.shape)] = sh
 
     def pick(path, leaf):
