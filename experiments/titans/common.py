@@ -30,6 +30,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int, mixer: st
         segment_len=512,       # MAC segment length (project choice; divides 4096)
         n_persistent=4,        # persistent memory tokens (project choice)
         window=512,            # MAG/MAL sliding window (project choice)
+        remat_segments=True,   # MAC: recompute each segment in backward (memory)
     )
     base.paper_recipe(c, train_tokens=30_000_000_000)   # Titans 760M budget
     return c

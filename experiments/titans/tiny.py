@@ -26,5 +26,6 @@ def get_config():
         segment_len=32,       # MAC segment length (titans_mac only)
         n_persistent=4,       # learned persistent memory tokens (attention keys/values)
         window=32,            # sliding attention window (titans_mag / titans_mal)
+        remat_segments=False,  # MAC: recompute each segment in backward (saves memory)
     )
     return c

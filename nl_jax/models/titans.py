@@ -57,7 +57,7 @@ from nl_jax.models.layers import CausalConv, Dense, RMSNorm, l2_normalize, param
 from nl_jax.sharding import constrain
 
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(MemorySpec))
-TITANS_KEYS = ("segment_len", "n_persistent", "window")
+TITANS_KEYS = ("segment_len", "n_persistent", "window", "remat_segments")
 CONV_WINDOW = 4  # Titans 4.4: 1-D depthwise convolution after q, k, v
 # Gate values at initialisation (bias = logit): momentum decay 0.9, almost no
 # forgetting, and an inner learning rate that keeps the chunked step stable (see
@@ -100,6 +100,14 @@ def memory_int(cfg, key: str, default: int, minimum: int) -> int:
     value = _memory_dict(cfg).get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"model.memory.{key}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def memory_bool(cfg, key: str, default: bool) -> bool:
+    """A boolean Titans key of ``cfg.memory`` (remat_segments)."""
+    value = _memory_dict(cfg).get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"model.memory.{key}={value!r} must be True or False")
     return value
 
 
@@ -427,6 +435,10 @@ class MemoryAsContext(nnx.Module):
         spec = memory_spec_from_config(cfg)
         self.n_heads, self.head_dim = _heads(cfg)
         self.segment_len = memory_int(cfg, "segment_len", 64, 1)
+        # rematerialise each segment in the backward pass: keep only the memory
+        # state between segments instead of every segment's attention and memory
+        # activations (backward memory O(T / segment_len) states + one segment)
+        self.remat_segments = memory_bool(cfg, "remat_segments", False)
         n_persistent = memory_int(cfg, "n_persistent", 0, 0)
         self.dtype = dtype = jnp.dtype(cfg.dtype)
         self.rope_theta = float(cfg.rope_theta)
@@ -491,7 +503,8 @@ class MemoryAsContext(nnx.Module):
             segments = jax.tree.map(
                 lambda a: jnp.moveaxis(a[:, :n_full * seg].reshape(
                     (b, n_full, seg) + a.shape[2:]), 1, 0), inputs)
-            memory_state, o = jax.lax.scan(self._segment, memory_state, segments)
+            segment = jax.checkpoint(self._segment) if self.remat_segments else self._segment
+            memory_state, o = jax.lax.scan(segment, memory_state, segments)
             outputs.append(jnp.moveaxis(o, 0, 1).reshape((b, n_full * seg) + o.shape[3:]))
         if t > n_full * seg:
             tail = jax.tree.map(lambda a: a[:, n_full * seg:], inputs)
