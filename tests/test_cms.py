@@ -33,11 +33,14 @@ def inputs(t, seed=1):
     return jax.random.normal(jax.random.key(seed), (B, t, D))
 
 
-def loop_oracle(level, x, period):
+def loop_oracle(level, x, period, reset_every=None, eps=0.0):
     """Per-token loop from Eq. 71: gradients at the chunk-start weights, summed,
     applied after the chunk's last token (scaled down per sequence and matrix to
-    norm ``max_update |theta|`` if larger); outputs use the chunk-start weights."""
+    norm ``max_update |theta|`` if larger); outputs use the chunk-start weights.
+    Nested (Eq. 72): after the update at every ``reset_every``-th token the
+    initial state moves to (1 - eps) init + eps theta and theta restarts there."""
     theta = {k: jnp.broadcast_to(v, (B,) + v.shape) for k, v in level.weights().items()}
+    init = theta
     acc = jax.tree.map(jnp.zeros_like, theta)
     ys = []
 
@@ -63,6 +66,9 @@ def loop_oracle(level, x, period):
                 new[name] = jnp.stack(rows)
             theta = new
             acc = jax.tree.map(jnp.zeros_like, acc)
+            if reset_every and (t + 1) % reset_every == 0:
+                init = {k: (1 - eps) * init[k] + eps * theta[k] for k in theta}
+                theta = init
     return jnp.stack(ys, 1), theta, acc
 
 
@@ -150,6 +156,58 @@ def test_streaming_segments_equal_one_pass():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_nested_variant_matches_eq72_loop_values_and_gradients():
+    """Parent period 6, child period 2: the child restarts every 6 tokens from
+    an initial state that moves 30% of the way to its learned weights."""
+    cms = make_cms(periods=(6, 2), variant="nested", nested_lr=0.3, lr=0.05)
+    x = inputs(15)
+    graphdef, params = nnx.split(cms)
+
+    def fast(params, x):
+        y, states = nnx.merge(graphdef, params)(x)
+        return jnp.sum(jnp.sin(y)), (y, states)
+
+    def slow(params, x):
+        model = nnx.merge(graphdef, params)
+        d1, _, _ = loop_oracle(model.levels[0], x, 6)
+        d2, theta, acc = loop_oracle(model.levels[1], x + d1, 2, reset_every=6, eps=0.3)
+        return jnp.sum(jnp.sin(d1 + d2)), (d1 + d2, theta)
+
+    (_, (y, states)), g_fast = jax.jit(jax.value_and_grad(fast, has_aux=True))(params, x)
+    (_, (ref_y, ref_theta)), g_slow = jax.jit(jax.value_and_grad(slow, has_aux=True))(
+        params, x)
+    np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
+    for k in ref_theta:
+        np.testing.assert_allclose(states[1]["theta"][k], ref_theta[k], atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # the resets matter: the sequential chain differs
+    seq = make_cms(periods=(6, 2), lr=0.05)
+    nnx.update(seq, params)
+    assert float(jnp.abs(seq(x)[0] - y).max()) > 1e-4
+
+
+def test_nested_with_rate_one_is_the_sequential_chain():
+    nested = make_cms(periods=(8, 4, "never"), variant="nested", nested_lr=1.0, lr=0.05)
+    seq = make_cms(periods=(8, 4, "never"), lr=0.05)
+    nnx.update(seq, nnx.state(nested))
+    x = inputs(19)
+    np.testing.assert_allclose(nested(x)[0], seq(x)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_nested_streaming_segments_equal_one_pass():
+    cms = make_cms(periods=(6, 2), variant="nested", nested_lr=0.3, lr=0.05)
+    x = inputs(17)
+    y, state = cms(x)
+    y1, s1 = cms(x[:, :5])          # segment ends inside a child chunk
+    y2, s2 = cms(x[:, 5:13], s1)    # crosses the resets at 6 and 12
+    y3, s3 = cms(x[:, 13:], s2)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2, y3], 1), y, atol=1e-5, rtol=1e-5)
+    assert set(s3[1]) == set(state[1]) and "init" in state[1]
+    for a, b in zip(jax.tree.leaves(s3), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_zero_lr_reproduces_frozen_mlp():
     frozen = make_cms(periods=("never",))
     live = make_cms(periods=(4,), lr=0.0)
@@ -185,7 +243,10 @@ def test_sequential_chain_sums_residual_increments():
 @pytest.mark.parametrize("cms,key", [
     (dict(periods=(0,)), "model.cms.periods[0]"),
     (dict(periods=("sometimes",)), "model.cms.periods[0]"),
-    (dict(variant="nested"), "model.cms.variant"),
+    (dict(variant="stacked"), "model.cms.variant"),
+    (dict(variant="nested", periods=(2, 8)), "model.cms.periods"),
+    (dict(variant="nested", periods=(6, 4)), "model.cms.periods"),
+    (dict(variant="nested", nested_lr=1.5), "model.cms.nested_lr"),
     (dict(block="conv"), "model.cms.block"),
     (dict(lr=-1.0), "model.cms.lr"),
     (dict(max_update=-0.5), "model.cms.max_update"),

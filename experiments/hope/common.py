@@ -43,7 +43,8 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
     )
     c.model.cms = dict(
         periods=PAPER_PERIODS,
-        variant="sequential",      # NL Eq. 73
+        variant="sequential",      # NL Eq. 73; or "independent" (Eq. 74), or "nested"
+                                   # (Eq. 72, periods slowest first: (2048, 512, "never"))
         block="swiglu",
         lr=1e-3,                   # eta_scale of the in-context levels (project choice)
         target="input",

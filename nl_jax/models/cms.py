@@ -54,18 +54,27 @@ Variants (``cfg.cms.variant``):
   returns ``MLP_1(x)`` bit-for-bit); the LM block adds ``x``.
 * ``"independent"`` (Eq. 74): ``y = sum_l softmax(a)_l MLP^(l)(x)``, every level
   reads ``x``; the aggregation logits ``a`` are outer-level parameters.
-* ``"nested"`` (Eq. 72) is NOT implemented and raises ConfigError: it needs
-  the fast level's state to be re-initialised from the slower level's CURRENT
-  in-context weights at the slower level's chunk boundaries, which couples the
-  two levels' token clocks (and their streaming offsets) into one scan; the
-  paper leaves open which level of the chain feeds which and how a frozen
-  parent re-initialises a child.  Use ``"sequential"``.
+* ``"nested"`` (Eq. 72): the same chain, slowest level first; the initial
+  state of level s+1 is learned by level s.  Eq. 72 defines it as
+  argmin_Phi of level s+1's loss over contexts of C^(s) tokens; here it is
+  solved first-order (Reptile) on level s's clock: level s+1 carries Phi (its
+  initial state, started at its outer-level weights) and, at every C^(s)-token
+  boundary, after its own update,
+
+      Phi <- (1 - eps) Phi + eps theta^(s+1),   theta^(s+1) <- Phi,
+
+  i.e. it is re-initialised every C^(s) / C^(s+1) of its own updates from an
+  initial state that moves towards what it learned in that block
+  (``cfg.cms.nested_lr`` = eps, default 0.1; eps = 1 never resets, so it is
+  the sequential variant; eps = 0 resets to the outer-level weights).  Every
+  in-context period must be a multiple of the next level's; a level after a
+  ``"never"`` level has no slower in-context parent and is not reset.
 
 Config keys, ``cfg.cms`` (all optional): ``periods`` (tuple of positive ints or
 ``"never"``), ``variant``, ``block`` (``"swiglu"`` or ``"mlp"``: W_down
 gelu(W_up x)), ``d_ff`` (int or one per level; default ``model.d_ff``), ``lr``,
-``target``, ``max_update``, ``use_cms`` (False: the ablation "Hope without CMS", a single
-frozen MLP level whatever ``periods`` says).
+``target``, ``max_update``, ``nested_lr``, ``use_cms`` (False: the ablation
+"Hope without CMS", a single frozen MLP level whatever ``periods`` says).
 """
 
 from __future__ import annotations
@@ -219,9 +228,13 @@ class CMSLevel(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, period, block: str = "swiglu",
                  lr: float = 0.0, target: str = "input", max_update: float = 0.005,
+                 reset_every: int | None = None, reset_lr: float = 0.1,
                  rngs: nnx.Rngs, dtype=jnp.float32):
         self.period, self.block, self.lr, self.target = period, block, float(lr), target
         self.max_update = float(max_update)
+        # nested CMS (Eq. 72): the parent's period in tokens, or None
+        self.reset_every = reset_every if period != NEVER else None
+        self.reset_lr = float(reset_lr)
         self.dtype = dtype
         if block == "swiglu":
             self.gate = Dense(d_model, d_ff, ("embed", "mlp"), rngs=rngs, dtype=dtype)
@@ -266,8 +279,20 @@ class CMSLevel(nnx.Module):
     def init_state(self, batch: int):
         theta = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape),
                              self.weights())
-        return dict(theta=theta, acc=jax.tree.map(jnp.zeros_like, theta),
-                    pos=jnp.zeros((), jnp.int32))
+        state = dict(theta=theta, acc=jax.tree.map(jnp.zeros_like, theta),
+                     pos=jnp.zeros((), jnp.int32))
+        if self.reset_every:
+            state["init"] = theta   # Phi, the learned initial state (nested)
+        return state
+
+    def _reset(self, theta, init, fire):
+        """Nested CMS (Eq. 72) at a parent boundary (``fire``): Phi moves towards
+        the weights learned in the block, and the level restarts from it."""
+        eps = self.reset_lr
+        init = jax.tree.map(lambda p, w: jnp.where(fire, (1.0 - eps) * p + eps * w, p),
+                            init, theta)
+        theta = jax.tree.map(lambda p, w: jnp.where(fire, p, w), init, theta)
+        return theta, init
 
     def __call__(self, x: jax.Array, state: Any = None):
         if not self.in_context:
@@ -291,16 +316,26 @@ class CMSLevel(nnx.Module):
         b, t = x.shape[:2]
         period = self.period
         n_full, rem = divmod(t, period)
-        theta = self.init_state(b)["theta"]
+        state = self.init_state(b)
+        theta = state["theta"]
         ys = []
         if n_full:
-            def step(theta, x_c):
+            def step(carry, inputs):
+                theta, init = carry
+                x_c, fire = inputs
                 y_c, grad = self._chunk_step(theta, x_c)
-                return bounded_update(theta, grad, self.max_update), y_c
+                theta = bounded_update(theta, grad, self.max_update)
+                if init is not None:
+                    theta, init = self._reset(theta, init, fire)
+                return (theta, init), y_c
 
             xs = jnp.moveaxis(x[:, :n_full * period].reshape(
                 (b, n_full, period) + x.shape[2:]), 1, 0)
-            theta, y_full = remat_scan(step, theta, xs)
+            ends = (jnp.arange(n_full) + 1) * period
+            fire = ends % self.reset_every == 0 if self.reset_every else ends < 0
+            (theta, init), y_full = remat_scan(step, (theta, state.get("init")), (xs, fire))
+            if init is not None:
+                state["init"] = init
             ys.append(jnp.moveaxis(y_full, 0, 1).reshape((b, n_full * period, -1)))
         if rem:
             y_last, acc = self._chunk_step(theta, x[:, n_full * period:])
@@ -308,7 +343,8 @@ class CMSLevel(nnx.Module):
         else:
             acc = jax.tree.map(jnp.zeros_like, theta)
         y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
-        return y, dict(theta=theta, acc=acc, pos=jnp.asarray(t, jnp.int32))
+        state.update(theta=theta, acc=acc, pos=jnp.asarray(t, jnp.int32))
+        return y, state
 
     def _streaming(self, x: jax.Array, state):
         """A segment that continues ``state`` (its chunk may have started earlier)."""
@@ -316,20 +352,30 @@ class CMSLevel(nnx.Module):
         offset = state["pos"] % period
         xs, valid, complete = to_chunks(x, offset, period, streaming=True)
 
+        # global position of each chunk's end: a nested reset fires there
+        ends = state["pos"] - offset + (jnp.arange(complete.shape[0]) + 1) * period
+        fire = complete & (ends % self.reset_every == 0) if self.reset_every else ends < 0
+
         def step(carry, inputs):
-            theta, acc = carry
-            x_c, valid_c, complete_c = inputs
+            theta, acc, init = carry
+            x_c, valid_c, complete_c, fire_c = inputs
             y_c, grad = self._chunk_step(theta, x_c, valid_c)
             acc = jax.tree.map(jnp.add, acc, grad)
             new_theta = jax.tree.map(lambda w, w_next: jnp.where(complete_c, w_next, w),
                                      theta, bounded_update(theta, acc, self.max_update))
             acc = jax.tree.map(lambda a: jnp.where(complete_c, jnp.zeros_like(a), a), acc)
-            return (new_theta, acc), y_c
+            if init is not None:
+                new_theta, init = self._reset(new_theta, init, fire_c)
+            return (new_theta, acc, init), y_c
 
-        (theta, acc), ys = remat_scan(step, (state["theta"], state["acc"]),
-                                      (xs, valid, complete))
+        (theta, acc, init), ys = remat_scan(
+            step, (state["theta"], state["acc"], state.get("init")),
+            (xs, valid, complete, fire))
         y = from_chunks(ys, offset, x.shape[1])
-        return y, dict(theta=theta, acc=acc, pos=state["pos"] + x.shape[1])
+        new_state = dict(theta=theta, acc=acc, pos=state["pos"] + x.shape[1])
+        if init is not None:
+            new_state["init"] = init
+        return y, new_state
 
 
 class ContinuumMemory(nnx.Module):
@@ -338,7 +384,7 @@ class ContinuumMemory(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         c = dict(cfg.get("cms", None) or {})
         known = {"periods", "variant", "block", "d_ff", "lr", "target", "use_cms",
-                 "max_update"}
+                 "max_update", "nested_lr"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ConfigError(f"model.cms has unknown keys {unknown}; allowed: "
@@ -356,10 +402,13 @@ class ContinuumMemory(nnx.Module):
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.cms.variant={self.variant!r}; choose one of "
                               f"{list(VARIANTS)}")
-        if self.variant == "nested":
-            raise ConfigError("model.cms.variant='nested' (Eq. 72) is not implemented "
-                              "(see nl_jax/models/cms.py); use 'sequential' or "
-                              "'independent'")
+        resets = self._nested_resets(periods) if self.variant == "nested" else (
+            (None,) * len(periods))
+        nested_lr = c.get("nested_lr", 0.1)
+        if (not isinstance(nested_lr, (int, float)) or isinstance(nested_lr, bool)
+                or not 0 <= nested_lr <= 1):
+            raise ConfigError(f"model.cms.nested_lr must be a number in [0, 1], got "
+                              f"{nested_lr!r}")
         block = c.get("block", "swiglu")
         if block not in BLOCKS:
             raise ConfigError(f"model.cms.block={block!r}; choose one of {list(BLOCKS)}")
@@ -384,10 +433,29 @@ class ContinuumMemory(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.levels = nnx.List([
             CMSLevel(cfg.d_model, f, period=p, block=block, lr=lr, target=target,
-                     max_update=max_update, rngs=rngs, dtype=dtype)
-            for p, f in zip(periods, d_ffs, strict=True)])
+                     max_update=max_update, reset_every=r, reset_lr=nested_lr,
+                     rngs=rngs, dtype=dtype)
+            for p, f, r in zip(periods, d_ffs, resets, strict=True)])
         if self.variant == "independent":
             self.mix_logits = param(rngs, jnp.zeros(()), (len(periods),), (None,))
+
+    @staticmethod
+    def _nested_resets(periods) -> tuple:
+        """Per level, the period of its in-context parent (the level before it)."""
+        resets = [None]
+        for i in range(1, len(periods)):
+            parent, child = periods[i - 1], periods[i]
+            if parent == NEVER or child == NEVER:
+                resets.append(None)
+                continue
+            if parent <= child or parent % child:
+                raise ConfigError(
+                    f"model.cms.periods={tuple(periods)}: the nested variant lists levels "
+                    f"slowest first and each in-context period must be a multiple of the "
+                    f"next one (level {i - 1}: {parent} tokens, level {i}: {child}); "
+                    f"e.g. periods=(128, 32, 8), or use variant='sequential'")
+            resets.append(parent)
+        return tuple(resets)
 
     def __call__(self, x: jax.Array, state: Any = None):
         states = state if state is not None else (None,) * len(self.levels)
