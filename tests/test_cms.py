@@ -171,14 +171,15 @@ def test_nested_variant_matches_eq72_loop_values_and_gradients():
         model = nnx.merge(graphdef, params)
         d1, _, _ = loop_oracle(model.levels[0], x, 6)
         d2, theta, acc = loop_oracle(model.levels[1], x + d1, 2, reset_every=6, eps=0.3)
-        return jnp.sum(jnp.sin(d1 + d2)), (d1 + d2, theta)
+        return jnp.sum(jnp.sin(d1 + d2)), (d1 + d2, theta, acc)
 
     (_, (y, states)), g_fast = jax.jit(jax.value_and_grad(fast, has_aux=True))(params, x)
-    (_, (ref_y, ref_theta)), g_slow = jax.jit(jax.value_and_grad(slow, has_aux=True))(
+    (_, (ref_y, ref_theta, ref_acc)), g_slow = jax.jit(jax.value_and_grad(slow, has_aux=True))(
         params, x)
     np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
     for k in ref_theta:
         np.testing.assert_allclose(states[1]["theta"][k], ref_theta[k], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(states[1]["acc"][k], ref_acc[k], atol=1e-5, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     # the resets matter: the sequential chain differs
