@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
-from tests.test_memory_helpers import perturbed, random_inputs
+from tests.memory_helpers import perturbed, random_inputs
 
 B, T, H, D = 2, 37, 2, 8
 

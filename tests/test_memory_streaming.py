@@ -14,7 +14,7 @@ from nl_jax.memory import (
     initial_optax_state,
     initial_state,
 )
-from tests.test_memory_helpers import perturbed, random_inputs
+from tests.memory_helpers import perturbed, random_inputs
 
 B, H, D = 2, 2, 4
 SEGMENTS = (8, 8, 5)   # multiples of C = 4, the last one partial
