@@ -8,6 +8,7 @@ import pytest
 from nl_jax.errors import ConfigError
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
 from nl_jax.memory.gates import segsum
+from nl_jax.memory.linear_chunked import gate_products
 
 
 def test_segsum_is_the_segment_sum():
@@ -17,6 +18,32 @@ def test_segsum_is_the_segment_sum():
         for j in range(4):
             expected = float(np.sum(np.asarray(x)[j + 1:i + 1])) if i >= j else -np.inf
             assert s[i, j] == pytest.approx(expected)
+
+
+def test_gate_products_match_float64_products_with_extreme_gates():
+    """Split-prefix-sum gate products against direct float64 products: exactly
+    1 on the diagonal, 0 above, O(1) products to 1e-6 relative even after 1e-7
+    gates in the chunk (a plain fp32 prefix-sum difference errs by ~1e-3)."""
+    c = 64
+    rng = np.random.default_rng(0)
+    gates = np.where(rng.random((3, c)) < 0.5, 1e-7, 1.0 - 1e-3 * rng.random((3, c)))
+    gates[1] = rng.uniform(0.5, 1.0, c)                  # ordinary gates
+    gates[2, : c // 2], gates[2, c // 2:] = 1e-7, 0.999  # tiny gates, then ~1
+    got = np.asarray(gate_products(jnp.log(jnp.asarray(gates, jnp.float32))), np.float64)
+    for row in range(3):
+        want = np.zeros((c, c))
+        for i in range(c):
+            for j in range(i + 1):
+                want[i, j] = np.prod(gates[row, j + 1:i + 1])
+        np.testing.assert_array_equal(np.diag(got[row]), 1.0)
+        assert np.all(got[row][np.triu_indices(c, 1)] == 0.0)
+        # O(1) products: to fp32 accuracy; tiny ones (many 1e-7 factors, each
+        # log rounded to fp32): ~1e-6 per factor
+        big, tiny = want > 1e-3, (want > 1e-30) & (want <= 1e-3)
+        np.testing.assert_allclose(got[row][big], want[big], rtol=1e-6)
+        np.testing.assert_allclose(got[row][tiny], want[tiny], rtol=2e-5)
+    # in the worst row the tail pairs are O(1) products after |cs| ~ 500
+    assert want[c - 1, c - 2] > 0.99
 
 
 def test_long_sequence_extreme_gates_finite():
