@@ -15,7 +15,7 @@ B, T, H, D = 2, 37, 2, 8
 
 def _loss_and_grads(spec, params, inputs):
     """(y, final state, grads w.r.t. inputs, gates and initial weights)."""
-    wy = jax.random.normal(jax.random.PRNGKey(11), (B, T, H, D))
+    wy = jax.random.normal(jax.random.PRNGKey(11), inputs[0].shape)
 
     def loss(params, *inputs):
         y, state = apply_memory(spec, params, *inputs)
@@ -42,13 +42,22 @@ CASES = [
 
 @pytest.mark.parametrize("kind,objective,momentum,decay,dgd,chunks", CASES)
 def test_chunked_matches_oracle(kind, objective, momentum, decay, dgd, chunks):
-    inputs = random_inputs(0, B, T, H, D, D)
+    """T = 37 with blocks of 3 chunks: full blocks, left-over chunks, a partial one."""
+    _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks, T)
+
+
+def test_chunked_matches_oracle_with_full_blocks_only():
+    """T = 48, C = 4, blocks of 3: every block full, no left-over chunks."""
+    _check_chunked_against_oracle("linear", "l2", True, True, True, (4,), 48)
+
+
+def _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks, t):
+    inputs = random_inputs(0, B, t, H, D, D)
     for chunk in chunks:
         spec = MemorySpec(kind=kind, objective=objective, momentum=momentum,
                           weight_decay=decay, dgd=dgd, chunk_size=chunk, path="oracle")
         params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
         y_o, s_o, g_o = _loss_and_grads(spec, params, inputs)
-        # blocks of 3 chunks: T = 37 leaves a partial chunk and empty chunks
         chunked = dataclasses.replace(spec, path="chunked", remat_every=3)
         y_c, s_c, g_c = _loss_and_grads(chunked, params, inputs)
         assert np.abs(np.asarray(y_o)).max() > 0.1

@@ -17,7 +17,9 @@ with the outputs
 
 Execution: the chunks are processed in blocks of ``spec.remat_every`` chunks by
 a scan over blocks whose body is rematerialised (backward memory: one state per
-block plus one block's activations).  Inside a block, everything that does not
+block plus one block's activations); the chunks left over (fewer than a block,
+the last one possibly partial) form one more rematerialised block after the
+scan, so the scan body knows statically that every chunk ends at row C - 1.  Inside a block, everything that does not
 depend on the state (gate matrices, Q K^T, the state-update operands) is
 batched over the block's chunks, the state recurrence is a short unrolled loop
 of two GEMMs per chunk ([K; Q] M_0^T, then both state updates), and the
@@ -92,27 +94,27 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=_HI)
 
 
-def _block(spec: MemorySpec, coef: float, state, x: dict):
+def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] | None):
     """One block of S chunks: ``x`` leaves ``[S, B, H, C, ...]``.
 
     ``state`` is (M^T, S^T), each ``[B, H, d_k, d_v]``; returns it after the
-    block and the outputs ``[S, B, H, C, d_v]``.
+    block and the outputs ``[S, B, H, C, d_v]``.  ``last``: the index of each
+    chunk's last real token (static), None when every chunk is full.
     """
     q, k = x["q"], x["k"]
     e0 = (-2.0 if spec.objective == "l2" else -1.0) * x["v"]
-    theta, eta, alpha, last = x["theta"], x["eta"], x["alpha"], x["last"]
+    theta, eta, alpha = x["theta"], x["eta"], x["alpha"]
     c, d_k = q.shape[-2:]
-    # last[s, i] = 1 at the chunk's last real token; a chunk without real
-    # tokens has no 1 and gets the identity update (b = m = 1, f = 0, no step)
-    last = last[:, None, None, :]
-    empty = 1.0 - jnp.sum(last, axis=-1)
 
-    def at_last(vec, fill):            # [S, B, H, C] -> [S, B, H]
-        return jnp.sum(vec * last, axis=-1) + empty * fill
+    def at_last(vec):                  # [S, B, H, C] -> [S, B, H]
+        if last is None:
+            return vec[..., c - 1]
+        return jnp.stack([vec[s, ..., i] for s, i in enumerate(last)])
 
     def last_row(mat):                 # [S, B, H, C, C] -> row at the last token
-        return jnp.einsum("...ij,...i->...j", mat, jnp.broadcast_to(last, mat.shape[:-1]),
-                          precision=_HI)
+        if last is None:
+            return mat[..., c - 1, :]
+        return jnp.stack([mat[s, ..., i, :] for s, i in enumerate(last)])
 
     log_a = jnp.log1p(-alpha) if spec.weight_decay else jnp.zeros_like(alpha)
     beta = jnp.exp(prefix_sums(log_a))
@@ -127,12 +129,12 @@ def _block(spec: MemorySpec, coef: float, state, x: dict):
         # both state updates from one GEMM: [K^T diag(G[end]); K^T diag(Le[end] theta)] E
         step_lhs = jnp.concatenate([k_t * last_row(gate)[..., None, :],
                                     k_t * last_row(le_theta)[..., None, :]], axis=-2)
-        coefs = jnp.stack([at_last(beta, 1.0), at_last(f, 0.0), at_last(m, 1.0)], axis=-1)
+        coefs = jnp.stack([at_last(beta), at_last(f), at_last(m)], axis=-1)
     else:
         f = None
         gate = la * theta[..., None, :]
         step_lhs = k_t * last_row(gate)[..., None, :]
-        coefs = at_last(beta, 1.0)[..., None]
+        coefs = at_last(beta)[..., None]
 
     def chunk_step(carry, xs):
         w_t, s_t = carry
@@ -167,8 +169,8 @@ def linear_chunked(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, thet
     Args:
       w0, s0: ``[B, H, d_v, d_k]`` state.  q, k: ``[N, B, H, C, d_k]``;
         v: ``[N, B, H, C, d_v]``; gates ``[N, B, H, C]``.  ``t_real``: number
-        of real tokens (static); the tokens after it are padding that the
-        state update masks out.
+        of real tokens (static); the tokens after it are padding: the state
+        is carried from each chunk's last real token.
 
     Returns:
       y ``[N, B, H, C, d_v]`` and the state (M, S) after token ``t_real``.
@@ -176,20 +178,22 @@ def linear_chunked(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, thet
     n, _, _, c, _ = q.shape
     coef = (2.0 if spec.objective == "l2" else 0.0) + (1.0 if spec.dgd else 0.0)
     size = min(spec.remat_every, n)
-    blocks = -(-n // size)
-    total = blocks * size
-    n_valid = np.clip(t_real - np.arange(total) * c, 0, c)
-    last = np.zeros((total, c), np.float32)
-    last[n_valid > 0, n_valid[n_valid > 0] - 1] = 1.0
+    n_blocks = (t_real // c) // size            # blocks whose chunks are all full
+    split = n_blocks * size
     xs = {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha}
-    if total != n:   # chunks without tokens (identity updates via `last`)
-        xs = {key: jnp.concatenate([x, jnp.full((total - n,) + x.shape[1:],
-                                                1.0 if key == "eta" else 0.0, x.dtype)])
-              for key, x in xs.items()}
-    xs["last"] = jnp.asarray(last)
-    xs = jax.tree.map(lambda x: x.reshape((blocks, size) + x.shape[1:]), xs)
-    body = jax.checkpoint(lambda carry, x: _block(spec, coef, carry, x))
-    init = (jnp.swapaxes(w0, -1, -2), jnp.swapaxes(s0, -1, -2))
-    (w_t, s_t), y = jax.lax.scan(body, init, xs)
-    y = y.reshape((total,) + y.shape[2:])[:n]
+    state = (jnp.swapaxes(w0, -1, -2), jnp.swapaxes(s0, -1, -2))
+    ys = []
+    if n_blocks:
+        blocks = jax.tree.map(
+            lambda x: x[:split].reshape((n_blocks, size) + x.shape[1:]), xs)
+        body = jax.checkpoint(lambda carry, x: _block(spec, coef, carry, x, None))
+        state, y = jax.lax.scan(body, state, blocks)
+        ys.append(y.reshape((split,) + y.shape[2:]))
+    if split < n:   # fewer than `size` chunks left, the last maybe partial
+        last = tuple(min(c, t_real - i * c) - 1 for i in range(split, n))
+        tail = jax.checkpoint(lambda carry, x: _block(spec, coef, carry, x, last))
+        state, y = tail(state, jax.tree.map(lambda x: x[split:], xs))
+        ys.append(y)
+    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys)
+    w_t, s_t = state
     return y, (jnp.swapaxes(w_t, -1, -2), jnp.swapaxes(s_t, -1, -2))
