@@ -209,6 +209,21 @@ def test_nested_streaming_segments_equal_one_pass():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_nested_refuses_a_state_without_its_initial_state():
+    seq = make_cms(periods=(6, 2), lr=0.05)
+    nested = make_cms(periods=(6, 2), variant="nested", lr=0.05)
+    _, state = seq(inputs(5))
+    with pytest.raises(ConfigError, match="no 'init'"):
+        nested(inputs(3), state)
+
+
+def test_empty_sequence_gives_no_outputs():
+    cms = make_cms(periods=(4, "never"), lr=0.05)
+    y, (state, _) = cms(inputs(0))
+    assert y.shape == (B, 0, D)
+    assert int(state["pos"]) == 0
+
+
 def test_zero_lr_reproduces_frozen_mlp():
     frozen = make_cms(periods=("never",))
     live = make_cms(periods=(4,), lr=0.0)

@@ -9,6 +9,7 @@ from nl_jax.errors import ConfigError
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
 from nl_jax.memory.gates import segsum
 from nl_jax.memory.linear_chunked import gate_products
+from tests.memory_helpers import perturbed, random_inputs
 
 
 def test_segsum_is_the_segment_sum():
@@ -44,6 +45,68 @@ def test_gate_products_match_float64_products_with_extreme_gates():
         np.testing.assert_allclose(got[row][tiny], want[tiny], rtol=2e-5)
     # in the worst row the tail pairs are O(1) products after |cs| ~ 500
     assert want[c - 1, c - 2] > 0.99
+
+
+def test_gate_products_gradient_is_exact_for_tiny_gates():
+    """d/dx_l sum w_ij P_ij = sum over segments containing l of w_ij P_ij / x_l,
+    in float64, against the custom backward, with gates down to 1e-9."""
+    c = 16
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.3, 1.0, c)
+    x[[3, 8, 12]] = 1e-6, 1e-9, 1e-4
+    w = rng.normal(size=(c, c))
+    grad = np.asarray(jax.grad(lambda lx: jnp.sum(jnp.asarray(w, jnp.float32) * gate_products(
+        lx)))(jnp.log(jnp.asarray(x, jnp.float32))), np.float64) / x   # d/dx = d/dlog x / x
+    want = np.zeros(c)
+    for i in range(c):
+        for j in range(i):
+            prod = np.prod(x[j + 1:i + 1])
+            for m in range(j + 1, i + 1):
+                want[m] += w[i, j] * prod / x[m]
+    np.testing.assert_allclose(grad, want, rtol=2e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_chunked_gate_gradients_match_oracle_for_tiny_and_zero_gates():
+    """eta down to 1e-9 and 0, alpha = 1 exactly (fp32 sigmoid of a logit ~17):
+    the fast path floors log gates at -80 and stays finite and equal to the
+    oracle, values and gradients w.r.t. the gates.  At a gate of exactly 0 its
+    own gradient is 0 (through a sigmoid it is 0 there anyway)."""
+    b, t, h, d, c = 1, 32, 1, 4, 16
+    q, k, v, theta, eta, alpha = random_inputs(0, b, t, h, d, d)
+    eta = eta.at[0, 8, 0].set(1e-9).at[0, 20, 0].set(1e-6).at[0, 27, 0].set(0.0)
+    alpha = alpha.at[0, 5, 0].set(1.0).at[0, 22, 0].set(1.0 - 1e-6)
+    wy = jax.random.normal(jax.random.PRNGKey(3), v.shape)
+    results = []
+    for path in ("oracle", "chunked"):
+        spec = MemorySpec(chunk_size=c, path=path, remat_every=1)
+        params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), h, d, d), 2)
+
+        def loss(eta, alpha, spec=spec, params=params):
+            y = apply_memory(spec, params, q, k, v, theta, eta, alpha)[0]
+            return jnp.sum(wy * y), y
+
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(eta, alpha)
+        results.append((y, grads))
+    (y_o, (ge_o, ga_o)), (y_c, (ge_c, ga_c)) = results
+    np.testing.assert_allclose(y_c, y_o, atol=1e-5)
+    for got, want, zero_gate in ((ge_c, ge_o, 27), (ga_c, ga_o, 5)):
+        got, want = np.asarray(got).copy(), np.asarray(want).copy()
+        assert np.all(np.isfinite(got)) and got[0, zero_gate, 0] == 0.0
+        got[0, zero_gate, 0] = want[0, zero_gate, 0] = 0.0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    # the tiny gates' own gradients, to 1e-3 relative
+    for idx in (8, 20):
+        assert abs(float(ge_c[0, idx, 0] / ge_o[0, idx, 0]) - 1) < 1e-3
+
+
+def test_empty_segment_returns_no_outputs_and_the_same_state():
+    q, k, v, theta, eta, alpha = random_inputs(0, 2, 0, 2, 4, 4)
+    for path in ("oracle", "chunked"):
+        spec = MemorySpec(chunk_size=4, path=path)
+        params = init_memory_params(spec, jax.random.PRNGKey(1), 2, 4, 4)
+        y, state = apply_memory(spec, params, q, k, v, theta, eta, alpha)
+        assert y.shape == (2, 0, 2, 4)
+        np.testing.assert_array_equal(state.params["w0"][0], params["w0"])
 
 
 def test_long_sequence_extreme_gates_finite():

@@ -317,6 +317,8 @@ class CMSLevel(nnx.Module):
         period = self.period
         n_full, rem = divmod(t, period)
         state = self.init_state(b)
+        if t == 0:
+            return jnp.zeros(x.shape, self.dtype), state
         theta = state["theta"]
         ys = []
         if n_full:
@@ -348,6 +350,11 @@ class CMSLevel(nnx.Module):
 
     def _streaming(self, x: jax.Array, state):
         """A segment that continues ``state`` (its chunk may have started earlier)."""
+        if self.reset_every and "init" not in state:
+            raise ConfigError("model.cms.variant='nested': this CMS state has no 'init' "
+                              "(the learned initial state); it comes from a non-nested "
+                              "CMS. Start the stream without a state or use the "
+                              "variant the state was made with")
         period = self.period
         offset = state["pos"] % period
         xs, valid, complete = to_chunks(x, offset, period, streaming=True)
