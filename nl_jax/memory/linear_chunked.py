@@ -56,11 +56,14 @@ def supports(spec: MemorySpec) -> bool:
     return spec.kind == "linear" and spec.objective in ("l2", "dot")
 
 
+def _upper(c: int) -> jax.Array:
+    """``[C, C]`` 0/1 matrix, 1 where column >= row."""
+    return jnp.asarray(np.triu(np.ones((c, c), np.float32)))
+
+
 def prefix_sums(x: jax.Array) -> jax.Array:
     """``[..., C]`` inclusive prefix sums along the last axis, as one GEMM."""
-    c = x.shape[-1]
-    upper = jnp.asarray(np.triu(np.ones((c, c), np.float32)))
-    return jnp.matmul(x, upper, precision=_HI)
+    return jnp.matmul(x, _upper(x.shape[-1]), precision=_HI)
 
 
 _LOG_GRID = 2.0 ** -9   # coarse part of a log gate: a multiple of this
@@ -117,8 +120,8 @@ def _gate_products_bwd(products, cotangent):
     d/dx (80% at x = 1e-6)."""
     c = products.shape[-1]
     weighted = cotangent * products
-    upper = jnp.asarray(np.triu(np.ones((c, c), np.float32)))        # [l, i]: i >= l
-    suffix = jnp.einsum("li,...ij->...lj", upper, weighted, precision=_HI)
+    suffix = jnp.einsum("li,...ij->...lj", _upper(c), weighted,   # sum over i >= l
+                        precision=_HI)
     strictly_lower = np.tril(np.ones((c, c), bool), -1)              # j < l
     return (jnp.sum(jnp.where(strictly_lower, suffix, 0.0), axis=-1),)
 
@@ -231,6 +234,7 @@ def linear_chunked(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, thet
         ys.append(y.reshape((split,) + y.shape[2:]))
     if split < n:   # at most `size` chunks left, the last maybe partial
         last = tuple(min(c, t_real - i * c) - 1 for i in range(split, n))
+        last = None if t_real >= n * c else last       # all full: row C - 1
         tail = jax.checkpoint(lambda carry, x: _block(spec, coef, carry, x, last))
         state, y = tail(state, jax.tree.map(lambda x: x[split:], xs))
         ys.append(y)

@@ -334,7 +334,8 @@ class CMSLevel(nnx.Module):
             xs = jnp.moveaxis(x[:, :n_full * period].reshape(
                 (b, n_full, period) + x.shape[2:]), 1, 0)
             ends = (jnp.arange(n_full) + 1) * period
-            fire = ends % self.reset_every == 0 if self.reset_every else ends < 0
+            fire = (ends % self.reset_every == 0 if self.reset_every
+                    else jnp.zeros(ends.shape, bool))
             (theta, init), y_full = remat_scan(step, (theta, state.get("init")), (xs, fire))
             if init is not None:
                 state["init"] = init
@@ -361,7 +362,8 @@ class CMSLevel(nnx.Module):
 
         # global position of each chunk's end: a nested reset fires there
         ends = state["pos"] - offset + (jnp.arange(complete.shape[0]) + 1) * period
-        fire = complete & (ends % self.reset_every == 0) if self.reset_every else ends < 0
+        fire = (complete & (ends % self.reset_every == 0) if self.reset_every
+                else jnp.zeros(ends.shape, bool))
 
         def step(carry, inputs):
             theta, acc, init = carry
