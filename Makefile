@@ -26,6 +26,7 @@ bench: install
 	mkdir -p runs/bench
 	$(PY) -m nl_jax bench memory --json runs/bench/memory.json
 	$(PY) -m nl_jax bench optimizers --json runs/bench/optimizers.json
+	$(PY) -m nl_jax bench schedules --json runs/bench/schedules.json
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check ruff==0.17.6

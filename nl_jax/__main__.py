@@ -4,7 +4,7 @@ Commands:
   train      train (or resume) a model: --config FILE[:ARG] --config.KEY=VALUE --workdir DIR
   eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...]
   generate   sample text from a workdir's latest checkpoint [--prompt TEXT --tokens N]
-  bench      benchmarks: ``bench memory`` | ``bench optimizers`` (--json PATH)
+  bench      benchmarks: ``bench memory`` | ``optimizers`` | ``schedules`` (--json PATH)
   aot        pre-flight: compile the train step for a TPU slice (--topology v5p:4x4x8)
              and report per-chip memory; needs the tpu extra (libtpu)
   tokenizer  train the bundled byte-level BPE on text files
@@ -122,9 +122,13 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+BENCHMARKS = ("memory", "optimizers", "schedules")
+
+
 def cmd_bench(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("memory", "optimizers"):
-        raise UserError("bench: choose a benchmark: `bench memory` or `bench optimizers`")
+    if not argv or argv[0] not in BENCHMARKS:
+        raise UserError("bench: choose a benchmark: "
+                        + ", ".join(f"`bench {name}`" for name in BENCHMARKS))
     import importlib
     module = importlib.import_module(f"nl_jax.bench.{argv[0]}")
     return module.main(argv[1:])

@@ -303,6 +303,7 @@ def test_bench_optimizers_writes_rows_and_plot(tmp_path, capsys):
     import json
 
     from nl_jax.bench import optimizers as bench
+    from nl_jax.bench import tiny_lm
 
     text = tmp_path / "t.txt"
     text.write_bytes(bytes(range(256)) * 60)
@@ -314,5 +315,5 @@ def test_bench_optimizers_writes_rows_and_plot(tmp_path, capsys):
     assert np.isfinite(rows[0]["final_loss"]) and rows[0]["step_ms"] > 0
     assert (tmp_path / "b" / "rows.png").stat().st_size > 1000
     assert "adamw" in capsys.readouterr().out
-    np.testing.assert_array_equal(bench.batches(np.arange(1000), 2, 3, 4, seed=1),
-                                  bench.batches(np.arange(1000), 2, 3, 4, seed=1))
+    np.testing.assert_array_equal(tiny_lm.batches(np.arange(1000), 2, 3, 4, seed=1),
+                                  tiny_lm.batches(np.arange(1000), 2, 3, 4, seed=1))
