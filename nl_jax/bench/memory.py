@@ -4,6 +4,10 @@ Full Titans rule (linear memory, L2 objective, per-token theta/eta/alpha,
 momentum + weight decay, no DGD) at B=2, H=4, d=64, C=64, T in {2048, 8192}:
 forward and forward+backward wall time of both paths, the achieved GFLOP/s,
 and a dense 2048 x 2048 fp32 matmul measured in the same run for reference.
+Other shapes: ``--lengths``, ``--batch``, ``--heads``, ``--dim``, ``--chunk``;
+``--paths chunked`` skips the (slow) oracle; ``--trace DIR`` also records a
+``jax.profiler`` trace of the chunked forward and forward+backward at the
+first length (open it with TensorBoard's profile plugin or Perfetto).
 
 FLOP counts (multiply-adds count 2), per (batch, head):
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -31,17 +36,18 @@ from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
 
 B, H, D, C = 2, 4, 64, 64
 LENGTHS = (2048, 8192)
+PATHS = ("oracle", "chunked")
 
 
-def chunked_flops(t: int, c: int = C, d: int = D) -> float:
+def chunked_flops(t: int, c: int = C, d: int = D, b: int = B, h: int = H) -> float:
     """Useful forward FLOPs of the chunked path (module docstring)."""
     per_chunk = 2 * c ** 3 + 2 * c ** 2 + 10 * c * d * d + 4 * c * c * d
-    return float(B * H * (-(-t // c)) * per_chunk)
+    return float(b * h * (-(-t // c)) * per_chunk)
 
 
-def oracle_flops(t: int, d: int = D) -> float:
+def oracle_flops(t: int, d: int = D, b: int = B, h: int = H) -> float:
     """Useful forward FLOPs of the per-token oracle scan (module docstring)."""
-    return float(B * H * t * 12 * d * d)
+    return float(b * h * t * 12 * d * d)
 
 
 def median_ms(fn, args, repeats: int) -> float:
@@ -63,27 +69,27 @@ def dense_matmul_gflops(repeats: int = 5) -> float:
     return 2 * 2048 ** 3 / (ms * 1e-3) / 1e9
 
 
-def inputs(t: int):
+def inputs(t: int, b: int = B, h: int = H, d: int = D):
     """Unit-norm q, k, random v and sigmoid gates, ``[B, T, H, ...]``."""
     ks = jax.random.split(jax.random.PRNGKey(t), 6)
-    q = jax.random.normal(ks[0], (B, t, H, D))
-    k = jax.random.normal(ks[1], (B, t, H, D))
+    q = jax.random.normal(ks[0], (b, t, h, d))
+    k = jax.random.normal(ks[1], (b, t, h, d))
     q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(ks[2], (B, t, H, D))
-    theta = 0.1 * jax.nn.sigmoid(jax.random.normal(ks[3], (B, t, H)))
-    eta = jax.nn.sigmoid(2.0 + jax.random.normal(ks[4], (B, t, H)))
-    alpha = jax.nn.sigmoid(-4.0 + jax.random.normal(ks[5], (B, t, H)))
+    v = jax.random.normal(ks[2], (b, t, h, d))
+    theta = 0.1 * jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
+    eta = jax.nn.sigmoid(2.0 + jax.random.normal(ks[4], (b, t, h)))
+    alpha = jax.nn.sigmoid(-4.0 + jax.random.normal(ks[5], (b, t, h)))
     return q, k, v, theta, eta, alpha
 
 
-def measure(path: str, t: int, repeats: int) -> list[dict]:
-    """fwd and fwd_bwd rows for one path and length."""
+def functions(path: str, t: int, b: int = B, h: int = H, d: int = D, c: int = C):
+    """Jitted forward and forward+backward of one path, and their arguments."""
     spec = MemorySpec(kind="linear", objective="l2", momentum=True, weight_decay=True,
-                      dgd=False, chunk_size=C, path=path)
-    params = init_memory_params(spec, jax.random.PRNGKey(0), H, D, D)
-    args = (params,) + inputs(t)
-    weights = jax.random.normal(jax.random.PRNGKey(7), (B, t, H, D))
+                      dgd=False, chunk_size=c, path=path)
+    params = init_memory_params(spec, jax.random.PRNGKey(0), h, d, d)
+    args = (params,) + inputs(t, b, h, d)
+    weights = jax.random.normal(jax.random.PRNGKey(7), (b, t, h, d))
 
     def forward(p, *x):
         return apply_memory(spec, p, *x)
@@ -91,9 +97,14 @@ def measure(path: str, t: int, repeats: int) -> list[dict]:
     def loss(p, *x):
         return jnp.sum(weights * apply_memory(spec, p, *x)[0])
 
-    fwd = jax.jit(forward)
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
-    flops = chunked_flops(t) if path == "chunked" else oracle_flops(t)
+    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=tuple(range(7)))), args
+
+
+def measure(path: str, t: int, repeats: int, b: int = B, h: int = H, d: int = D,
+            c: int = C) -> list[dict]:
+    """fwd and fwd_bwd rows for one path and length."""
+    fwd, fwd_bwd, args = functions(path, t, b, h, d, c)
+    flops = chunked_flops(t, c, d, b, h) if path == "chunked" else oracle_flops(t, d, b, h)
     slow = path == "oracle" and t > 2048
     rows = []
     for mode, fn, scale in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.0)):
@@ -103,29 +114,78 @@ def measure(path: str, t: int, repeats: int) -> list[dict]:
     return rows
 
 
+def record_trace(directory: str, t: int, b: int, h: int, d: int, c: int) -> None:
+    """A ``jax.profiler`` trace of three chunked fwd and fwd_bwd calls (after compiling)."""
+    fwd, fwd_bwd, args = functions("chunked", t, b, h, d, c)
+    for fn in (fwd, fwd_bwd):
+        jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(directory):
+        for fn in (fwd, fwd_bwd):
+            for _ in range(3):
+                jax.block_until_ready(fn(*args))
+
+
+def int_list(text: str) -> list[int]:
+    """``"2048,8192"`` -> [2048, 8192] (argparse type)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv: list[str]) -> int:
     """Run the benchmark, print a table, optionally write JSON."""
     parser = argparse.ArgumentParser(prog="python -m nl_jax bench memory",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row")
+    parser.add_argument("--lengths", type=int_list, default=list(LENGTHS),
+                        help="sequence lengths T, comma-separated (default 2048,8192)")
+    parser.add_argument("--batch", type=int, default=B)
+    parser.add_argument("--heads", type=int, default=H)
+    parser.add_argument("--dim", type=int, default=D, help="d_k = d_v per head")
+    parser.add_argument("--chunk", type=int, default=C, help="chunk size C")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help="comma-separated subset of oracle,chunked")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="also write a jax.profiler trace of the chunked path here")
     args = parser.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or set(paths) - set(PATHS):
+        parser.error(f"--paths {args.paths!r}: choose from {','.join(PATHS)}")
+    for name in ("repeats", "batch", "heads", "dim", "chunk"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    shape = dict(b=args.batch, h=args.heads, d=args.dim, c=args.chunk)
     dense = dense_matmul_gflops()
     rows = []
-    for t in LENGTHS:
-        for path in ("oracle", "chunked"):
-            rows.extend(measure(path, t, args.repeats))
+    for t in args.lengths:
+        for path in (p for p in PATHS if p in paths):
+            rows.extend(measure(path, t, args.repeats, **shape))
+    print(f"B={args.batch} H={args.heads} d={args.dim} C={args.chunk}, "
+          f"device {jax.devices()[0].platform}")
     print(f"dense 2048x2048 fp32 matmul: {dense:.1f} GFLOP/s")
     print(f"{'path':8s} {'T':>6s} {'mode':8s} {'ms':>10s} {'GFLOP/s':>8s} "
           f"{'% dense':>8s} {'speedup':>8s}")
     oracle_ms = {(r["T"], r["mode"]): r["ms"] for r in rows if r["path"] == "oracle"}
     for r in rows:
-        speedup = oracle_ms[(r["T"], r["mode"])] / r["ms"]
+        base = oracle_ms.get((r["T"], r["mode"]))
+        speedup = f"{base / r['ms']:7.1f}x" if base else f"{'-':>8s}"
         print(f"{r['path']:8s} {r['T']:6d} {r['mode']:8s} {r['ms']:10.2f} "
-              f"{r['gflops']:8.1f} {100 * r['gflops'] / dense:7.1f}% {speedup:7.1f}x")
+              f"{r['gflops']:8.1f} {100 * r['gflops'] / dense:7.1f}% {speedup}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"dense_matmul_gflops": dense, "rows": rows}, f, indent=2)
+            json.dump({"dense_matmul_gflops": dense, "rows": rows,
+                       "shape": {"B": args.batch, "H": args.heads, "d": args.dim,
+                                 "C": args.chunk}}, f, indent=2)
+    if args.trace:
+        record_trace(args.trace, args.lengths[0], **shape)
+        print(f"trace of the chunked path at T={args.lengths[0]} in {args.trace}")
     return 0
 
 

@@ -110,6 +110,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--schedules", default=DEFAULT_SCHEDULES,
                         help=f"';'-separated schedules (default {DEFAULT_SCHEDULES!r})")
     parser.add_argument("--variant", default="sequential",
+                        choices=("sequential", "independent", "nested"),
                         help="CMS variant: sequential (Eq. 73), independent (Eq. 74) or "
                              "nested (Eq. 72; levels slowest first)")
     parser.add_argument("--cms_lr", type=float, default=1e-3,
