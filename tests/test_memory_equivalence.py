@@ -51,11 +51,25 @@ def test_chunked_matches_oracle_with_full_blocks_only():
     _check_chunked_against_oracle("linear", "l2", True, True, True, (4,), 48)
 
 
-def _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks, t):
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_chunked_matches_oracle_with_grad_clip(kind):
+    """Clipped token directions (most tokens clipped at G = 1.5) on both paths."""
+    _check_chunked_against_oracle(kind, "l2", True, True, True, (1, 4), T, grad_clip=1.5)
+    inputs = random_inputs(0, B, T, H, D, D)
+    spec = MemorySpec(kind=kind, chunk_size=4, grad_clip=1.5)
+    params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
+    clipped = apply_memory(spec, params, *inputs)[0]
+    free = apply_memory(dataclasses.replace(spec, grad_clip=0.0), params, *inputs)[0]
+    assert np.abs(np.asarray(clipped - free)).max() > 0.1     # the clip is active
+
+
+def _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks, t,
+                                  grad_clip=0.0):
     inputs = random_inputs(0, B, t, H, D, D)
     for chunk in chunks:
         spec = MemorySpec(kind=kind, objective=objective, momentum=momentum,
-                          weight_decay=decay, dgd=dgd, chunk_size=chunk, path="oracle")
+                          weight_decay=decay, dgd=dgd, chunk_size=chunk, path="oracle",
+                          grad_clip=grad_clip)
         params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
         y_o, s_o, g_o = _loss_and_grads(spec, params, inputs)
         chunked = dataclasses.replace(spec, path="chunked", remat_every=3)

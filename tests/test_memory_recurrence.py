@@ -98,3 +98,30 @@ def test_delta_rule_special_case():
     np.testing.assert_allclose(np.asarray(y)[0, :, 0], np.stack(ys), atol=1e-5)
     np.testing.assert_allclose(state.params["w0"][0, 0], w, atol=1e-5)
     assert np.all(np.asarray(state.momentum["w0"]) == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("path", ["oracle", "chunked"])
+def test_grad_clip_bounds_every_token_step(kind, path):
+    """No momentum, no decay, C = 1: M_t - M_{t-1} = -theta_t u_t, so with
+    grad_clip = G every layer moves by at most theta_t G, and by exactly that
+    for tokens whose raw direction is longer than G."""
+    g = 0.5
+    spec = MemorySpec(kind=kind, momentum=False, weight_decay=False, chunk_size=1,
+                      path=path, grad_clip=g)
+    params = perturbed(init_memory_params(spec, jax.random.PRNGKey(3), 1, D, D), 4, 0.5)
+    q, k, v, theta, eta, alpha = random_inputs(5, 1, T, 1, D, D, theta_max=0.5)
+    state, steps = None, []
+    for t in range(T):
+        sl = slice(t, t + 1)
+        _, new = apply_memory(spec, params, q[:, sl], k[:, sl], 3.0 * v[:, sl],
+                              theta[:, sl], eta[:, sl], alpha[:, sl], state)
+        if state is not None:
+            steps.append([float(np.linalg.norm(np.asarray(a - b)))
+                          for a, b in zip(jax.tree.leaves(new.params),
+                                          jax.tree.leaves(state.params), strict=True)])
+        state = new
+    bound = np.asarray(theta[0, 1:, 0])[:, None] * g
+    steps = np.asarray(steps)
+    assert np.all(steps <= bound * (1 + 1e-5))
+    assert np.mean(np.isclose(steps, bound, rtol=1e-4)) > 0.5    # mostly clipped

@@ -234,6 +234,8 @@ def test_sliding_window_attention_matches_causal_attention():
     ("NeuralMemoryMixer", dict(chunk_size=0), "model.memory.chunk_size"),
     ("NeuralMemoryMixer", dict(momentum="yes"), "model.memory.momentum"),
     ("NeuralMemoryMixer", dict(path="fast"), "model.memory.path"),
+    ("NeuralMemoryMixer", dict(grad_clip=-1.0), "model.memory.grad_clip"),
+    ("NeuralMemoryMixer", dict(grad_clip="1"), "model.memory.grad_clip"),
     ("NeuralMemoryMixer", dict(chunk=4), "model.memory.chunk"),
     ("MemoryAsContext", dict(segment_len=0), "model.memory.segment_len"),
     ("MemoryAsContext", dict(n_persistent=-1), "model.memory.n_persistent"),

@@ -31,6 +31,9 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int, mixer: st
         n_persistent=4,        # persistent memory tokens (project choice)
         window=512,            # MAG/MAL sliding window (project choice)
         remat_segments=True,   # MAC: recompute each segment in backward (memory)
+        grad_clip=1.0,         # per-token step norm bound (project choice): without it
+                               # the 2-layer memory's inner loop diverged within 6 chunks
+                               # on real text at initialisation (NaN loss at step 1)
     )
     base.paper_recipe(c, train_tokens=30_000_000_000)   # Titans 760M budget
     return c

@@ -7,6 +7,9 @@ chunk-start state,
     E = c K M_0^T + E_0,   l2: c = 2, E_0 = -2 V;   dot: c = 0, E_0 = -V;
     DGD adds M_0 k k^T, i.e. c += 1,
 
+(with ``spec.grad_clip`` = G > 0 each row E_j is then scaled by
+min(1, G / (|E_j| |k_j|)), the norm of token j's direction E_j k_j^T),
+
 and the state after a chunk is (gates.py, NL_MATH.md section 1)
 
     M^T <- b M_0^T + f S_0^T - K^T diag(G[end]) E,   S^T <- m S_0^T - K^T diag(Le[end] theta) E,
@@ -46,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nl_jax.memory.maps import clip_scale
 from nl_jax.memory.spec import MemorySpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -178,12 +182,17 @@ def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] 
         coefs = at_last(beta)[..., None]
     d_v = e0.shape[-1]
 
+    clip = spec.grad_clip
+    k_sq = jnp.sum(k * k, -1) if clip > 0 else jnp.zeros(k.shape[:-1])  # |k_j|^2
+
     def chunk_step(carry, xs):
         w_t, s_t = carry
-        kq_c, kt_c, e0_c, weights, cf = xs
+        kq_c, kt_c, e0_c, weights, cf, k_sq_c = xs
         # [K; Q] M_0^T: the errors and the outputs' Q M_0^T from one GEMM
         kq_w = _mm(kq_c, w_t)
         err = e0_c + coef * kq_w[..., :c, :] if coef else e0_c
+        if clip > 0:   # token j's direction E_j k_j^T has norm |E_j| |k_j|
+            err = err * clip_scale(jnp.sum(err * err, -1) * k_sq_c, clip)[..., None]
         # both state updates from one GEMM: K^T [diag(G[end]) E, diag(Le[end] theta) E]
         steps = _mm(kt_c, jnp.concatenate([r * err for r in weights], axis=-1))
         cf = cf[..., None, None]
@@ -195,7 +204,8 @@ def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] 
 
     n_chunks = q.shape[0]
     state, outs = jax.lax.scan(chunk_step, state,
-                               (jnp.concatenate([k, q], axis=-2), k_t, e0, row_weights, coefs),
+                               (jnp.concatenate([k, q], axis=-2), k_t, e0, row_weights, coefs,
+                                k_sq),
                                unroll=min(n_chunks, _MAX_UNROLL))
     scores = _mm(q, k_t) * gate
     q_w, errors = outs[0], outs[-1]

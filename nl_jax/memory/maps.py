@@ -96,6 +96,21 @@ def apply_map(spec: MemorySpec, weights: Weights, x: jax.Array) -> jax.Array:
     return forward(spec, weights, x)[0]
 
 
+def clip_scale(grad_sq_norm: jax.Array, grad_clip: float) -> jax.Array:
+    """``min(1, G / |grad|_F)`` from ``|grad|_F^2`` (safe at 0; ``G <= 0``: no clip)."""
+    if grad_clip <= 0:
+        return jnp.ones_like(grad_sq_norm)
+    return grad_clip / jnp.maximum(jnp.sqrt(grad_sq_norm + 1e-12), grad_clip)
+
+
+def clip_errors(errors: jax.Array, inputs: jax.Array, grad_clip: float) -> jax.Array:
+    """Rows of ``errors`` [C, out] scaled so that every E[j] X[j]^T has norm <= G."""
+    if grad_clip <= 0:
+        return errors
+    sq = jnp.sum(errors * errors, -1) * jnp.sum(inputs * inputs, -1)
+    return errors * clip_scale(sq, grad_clip)[:, None]
+
+
 def token_loss(spec: MemorySpec, weights: Weights, key: jax.Array,
                value: jax.Array) -> jax.Array:
     """The associative objective l(M; k, v) for one token or a block (summed)."""
@@ -120,7 +135,8 @@ def layer_directions(spec: MemorySpec, weights: Weights, keys: jax.Array,
     """Per layer, inputs X ``[C, in]`` and errors E ``[C, out]`` of a block of keys.
 
     The step direction of token j for layer l is E_l[j] X_l[j]^T: the gradient
-    of l(M; k_j, v_j) (plus the DGD term if ``spec.dgd``), all at ``weights``.
+    of l(M; k_j, v_j) (plus the DGD term if ``spec.dgd``), all at ``weights``,
+    clipped to norm ``spec.grad_clip`` if that is > 0.
     """
     n = keys.shape[0]
     zeros = [jnp.zeros((n, w.shape[0]), jnp.float32) for w in weights]
@@ -132,6 +148,7 @@ def layer_directions(spec: MemorySpec, weights: Weights, keys: jax.Array,
     errors, (inputs, linear_outs) = jax.grad(loss, has_aux=True)(zeros)
     if spec.dgd:
         errors = [e + lo for e, lo in zip(errors, linear_outs, strict=True)]
+    errors = [clip_errors(e, x, spec.grad_clip) for e, x in zip(errors, inputs, strict=True)]
     return list(inputs), list(errors)
 
 

@@ -4,6 +4,7 @@ For every token t of chunk c (tokens c*C .. c*C + C - 1), with M_0 the state at
 the start of the chunk (Titans Eq. 13-14, 16; NL Eq. 57):
 
     u_t = grad_M l(M_0; k_t, v_t)  [+ W_l x_l x_l^T per layer, x_l at M_0, if DGD]
+          [each layer scaled by min(1, G / |u_t,l|_F) if spec.grad_clip = G > 0]
     S_t = eta_t S_{t-1} - theta_t u_t          (eta_t := 0 without momentum)
     M_t = (1 - alpha_t) M_{t-1} + S_t          (alpha_t := 0 without weight decay)
     y_t = M_t(q_t)
@@ -27,6 +28,9 @@ def token_direction(spec: MemorySpec, weights, key, value):
     grad = jax.grad(lambda w: maps.token_loss(spec, w, key, value))(weights)
     if spec.dgd:
         grad = jax.tree.map(jnp.add, grad, maps.dgd_direction(spec, weights, key))
+    if spec.grad_clip > 0:
+        grad = jax.tree.map(lambda g: g * maps.clip_scale(jnp.sum(g * g), spec.grad_clip),
+                            grad)
     return grad
 
 

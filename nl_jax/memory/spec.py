@@ -38,6 +38,11 @@ class MemorySpec:
       path: ``"oracle"`` (per-token lax.scan) or ``"chunked"`` (dual form).
       remat_every: chunks per rematerialised scan segment on the chunked path
         (the linear fast path processes chunks in blocks of this size).
+      grad_clip: G > 0 bounds each token's step direction, layer by layer:
+        u_t (rank one, E_t x_t^T) is scaled by min(1, G / |u_t|_F) before the
+        momentum and forgetting gates act.  0 (default): no clipping.  Keeps a
+        deep (MLP) memory's inner loop from diverging when its gradients grow
+        with its weights.
     """
 
     kind: str = "linear"
@@ -50,6 +55,7 @@ class MemorySpec:
     chunk_size: int = 64
     path: str = "chunked"
     remat_every: int = 4
+    grad_clip: float = 0.0
 
     def __post_init__(self):
         _choice("kind", self.kind, KINDS)
@@ -66,6 +72,10 @@ class MemorySpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"memory {name}={value!r} must be an integer >= 1")
+        clip = self.grad_clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+            raise ConfigError(f"memory grad_clip={clip!r} must be a number >= 0 (0: no "
+                              f"clipping)")
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:

@@ -97,6 +97,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.errors import ConfigError
+from nl_jax.memory.maps import clip_scale
 from nl_jax.models.cms import from_chunks, to_chunks
 from nl_jax.models.layers import CausalConv, Dense, l2_normalize, param
 from nl_jax.sharding import constrain
@@ -146,13 +147,6 @@ def layer_factors(kind: str, w, k: jax.Array, vhat: jax.Array, objective: str):
     err = objective_error(k + h @ w["w1"].T, vhat, objective)
     (delta2,) = silu_vjp(err @ w["w1"])
     return {"w1": (h, err), "w2": (k, delta2)}
-
-
-def clip_scale(grad_sq_norm: jax.Array, grad_clip: float) -> jax.Array:
-    """``min(1, G / |grad|_F)`` from ``|grad|_F^2`` (safe at 0; ``G <= 0``: no clip)."""
-    if grad_clip <= 0:
-        return jnp.ones_like(grad_sq_norm)
-    return grad_clip / jnp.maximum(jnp.sqrt(grad_sq_norm + 1e-12), grad_clip)
 
 
 def _normalized(a: jax.Array) -> tuple[jax.Array, jax.Array]:
