@@ -278,3 +278,36 @@ def test_tiny_titans_mag_lm_learns_a_repeated_batch():
         losses.append(float(loss))
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("t, window, start", [(12, 5, 0), (16, 4, 0), (3, 5, 0),
+                                              (11, 4, 9), (7, 7, 2)])
+def test_blockwise_window_attention_equals_full_masked_attention(t, window, start):
+    """Values and gradients of the O(T window) form equal masked attention over all keys."""
+    b, h, d, n_p, past = 2, 2, 8, 3, window - 1
+    ks = jax.random.split(jax.random.PRNGKey(t + window + start), 5)
+    q = jax.random.normal(ks[0], (b, t, h, d))
+    keys = jax.random.normal(ks[1], (b, past + t, h, d))
+    values = jax.random.normal(ks[2], (b, past + t, h, d))
+    prefix = (jax.random.normal(ks[3], (b, n_p, h, d)), jax.random.normal(ks[4], (b, n_p, h, d)))
+    pos = start + jnp.arange(t)
+    key_pos = jnp.concatenate([start - past + jnp.arange(past), pos])
+
+    def full(q, keys, values, pk, pv):
+        mask = ((key_pos[None] <= pos[:, None]) & (key_pos[None] > pos[:, None] - window)
+                & (key_pos[None] >= 0))
+        mask = jnp.concatenate([jnp.ones((t, n_p), bool), mask], axis=1)
+        return titans.masked_attention(q, jnp.concatenate([pk, keys], 1),
+                                       jnp.concatenate([pv, values], 1), mask)
+
+    def blockwise(q, keys, values, pk, pv):
+        return titans.sliding_window_attention(q, keys, values, pos, key_pos, window,
+                                               (pk, pv))
+
+    args = (q, keys, values) + prefix
+    np.testing.assert_allclose(blockwise(*args), full(*args), atol=1e-5)
+    w = jax.random.normal(jax.random.PRNGKey(0), (b, t, h, d))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(w * f(*a)), argnums=range(5))(*args)
+             for f in (blockwise, full)]
+    for a, g in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, g, atol=1e-5)

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nl_jax.errors import ConfigError
@@ -141,6 +142,51 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def sliding_window_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                             q_pos: jax.Array, key_pos: jax.Array, window: int,
+                             prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Causal sliding-window attention, blockwise: O(T window) memory, not O(T^2).
+
+    ``q [B, T, H, D]`` at positions ``q_pos [T]``; ``keys``/``values``
+    ``[B, P + T, H, D]`` at ``key_pos``, where the last T are the queries' own
+    tokens and the P = window - 1 before them the streamed past.  Query i
+    sees the keys at positions (q_pos[i] - window, q_pos[i]] that are >= 0,
+    and every ``prefix`` (persistent) key.  Queries go in blocks of
+    S = min(window, T); block n needs only keys n S .. n S + S + P - 1, so the
+    logits are ``[B, H, T, S + P (+ prefix)]`` instead of ``[B, H, T, P + T]``,
+    with the same result as ``masked_attention`` over all keys (the extra keys
+    are masked, i.e. contribute exactly 0).
+    """
+    b, t, h, d = q.shape
+    past = keys.shape[1] - t
+    size = min(window, t)
+    n = -(-t // size)
+    pad = n * size - t
+    if pad:   # padded queries (sliced off) and keys (later positions: masked)
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        keys = jnp.pad(keys, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        values = jnp.pad(values, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        last = q_pos[-1] + 1 + jnp.arange(pad, dtype=q_pos.dtype)
+        q_pos = jnp.concatenate([q_pos, last])
+        key_pos = jnp.concatenate([key_pos, last])
+    index = (size * np.arange(n))[:, None] + np.arange(size + past)[None]   # [n, S + P]
+    k_blocks, v_blocks = keys[:, index], values[:, index]                  # [B, n, L, H, D]
+    kpos, qpos = key_pos[index][:, None, :], q_pos.reshape(n, size)[:, :, None]
+    mask = (kpos <= qpos) & (kpos > qpos - window) & (kpos >= 0)           # [n, S, L]
+    if prefix is not None:
+        pk, pv = (jnp.broadcast_to(x[:, None], (b, n) + x.shape[1:]) for x in prefix)
+        k_blocks = jnp.concatenate([pk, k_blocks], axis=2)
+        v_blocks = jnp.concatenate([pv, v_blocks], axis=2)
+        mask = jnp.concatenate([jnp.ones((n, size, pk.shape[2]), bool), mask], axis=2)
+    q_blocks = q.reshape(b, n, size, h, d)
+    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q_blocks, k_blocks,
+                        preferred_element_type=jnp.float32) * d ** -0.5
+    logits = jnp.where(mask[None, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_blocks.dtype)
+    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs, v_blocks)
+    return out.reshape(b, n * size, h, d)[:, :t]
+
+
 class AttentionState(NamedTuple):
     """Streaming state of ``SlidingWindowAttention``.
 
@@ -197,19 +243,16 @@ class SlidingWindowAttention(nnx.Module):
         past = self.window - 1
         key_pos = jnp.concatenate(
             [state.position - past + jnp.arange(past, dtype=jnp.int32), pos])
-        mask = ((key_pos[None] <= pos[:, None]) & (key_pos[None] > pos[:, None] - self.window)
-                & (key_pos[None] >= 0))
         new_state = AttentionState(keys[:, keys.shape[1] - past:],
                                    values[:, values.shape[1] - past:], state.position + t)
+        prefix = None
         if self.persistent is not None:
             p = self.persistent[...].astype(self.dtype)[None]
             n_p = p.shape[1]
-            pk = jnp.broadcast_to(self._split(self.wk(p)), (b, n_p) + k.shape[2:])
-            pv = jnp.broadcast_to(self._split(self.wv(p)), (b, n_p) + v.shape[2:])
-            keys = jnp.concatenate([pk, keys], axis=1)
-            values = jnp.concatenate([pv, values], axis=1)
-            mask = jnp.concatenate([jnp.ones((t, n_p), bool), mask], axis=1)
-        return masked_attention(q, keys, values, mask), new_state
+            prefix = (jnp.broadcast_to(self._split(self.wk(p)), (b, n_p) + k.shape[2:]),
+                      jnp.broadcast_to(self._split(self.wv(p)), (b, n_p) + v.shape[2:]))
+        y = sliding_window_attention(q, keys, values, pos, key_pos, self.window, prefix)
+        return y, new_state
 
 
 # ----------------------------------------------------------------------------
