@@ -85,6 +85,10 @@ class LanguageModel(nnx.Module):
         self.embed = param(rngs, nnx.initializers.normal(cfg.init_std),
                            (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        remat = cfg.get("remat", False)
+        if not isinstance(remat, bool):
+            raise ConfigError(f"model.remat must be True or False, got {remat!r}")
+        self.remat = remat
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else Dense(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
@@ -96,7 +100,10 @@ class LanguageModel(nnx.Module):
         states = state if state is not None else (None,) * len(self.blocks)
         new_states = []
         for block, s in zip(self.blocks, states, strict=True):
-            x, s = block(x, s)
+            if self.remat:   # the backward keeps the block's input and recomputes the rest
+                x, s = nnx.remat(lambda blk, x, s: blk(x, s))(block, x, s)
+            else:
+                x, s = block(x, s)
             new_states.append(s)
         x = self.final_norm(x)
         if self.unembed is None:
