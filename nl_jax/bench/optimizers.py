@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
 
 import jax
 import numpy as np
@@ -74,10 +72,5 @@ def main(argv: list[str]) -> int:
         print(f"{r['optimizer']:<16}{r['final_loss']:>12.4f}{r['step_ms']:>10.2f}"
               f"{overhead:>10}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=2)
-        png = os.path.splitext(args.json)[0] + ".png"
-        tiny_lm.plot_curves(curves, png, "bench optimizers: tiny byte-level LM")
-        print(f"wrote {args.json} and {png}")
+        tiny_lm.write_results(args.json, rows, curves, "bench optimizers: tiny byte-level LM")
     return 0

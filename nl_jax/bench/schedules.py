@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 
 import jax
@@ -174,14 +173,13 @@ def main(argv: list[str]) -> int:
         model_cfg = tiny_lm.tiny_model_config()
         model_cfg.mlp = "cms"
         model_cfg.cms = dict(periods=tuple(p for p, _ in levels), variant=args.variant,
-                             block="swiglu", lr=args.cms_lr, target="input",
-                             max_update=0.005)
+                             lr=args.cms_lr)       # SwiGLU levels, the default bounds
         runs = []
         for seed in seeds:
             data, eval_sets = per_seed[seed]
-            run = tiny_lm.train_curve(levels_config(optimizer, levels), model_cfg, data, seed,
-                              eval_sets=eval_sets,
-                              eval_steps=(steps_a,) if args.shift else ())
+            run = tiny_lm.train_curve(levels_config(optimizer, levels), model_cfg, data,
+                                      seed, eval_sets=eval_sets,
+                                      eval_steps=(steps_a,) if args.shift else ())
             final = run["evals"][args.steps]
             tail = max(1, args.steps // 10)
             values = {"final_loss": float(np.mean(run["losses"][-tail:])),
@@ -215,10 +213,5 @@ def main(argv: list[str]) -> int:
         print(f"{r['schedule']:<22}{r['num_params']:>9,}"
               + "".join(f"{c:>{width}}" for c in cells) + f"{r['step_ms']:>9.2f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=2)
-        png = os.path.splitext(args.json)[0] + ".png"
-        tiny_lm.plot_curves(curves, png, f"bench schedules: CMS ({args.variant})")
-        print(f"wrote {args.json} and {png}")
+        tiny_lm.write_results(args.json, rows, curves, f"bench schedules: CMS ({args.variant})")
     return 0

@@ -7,6 +7,7 @@ tokenizer); every configuration compared in one run sees the same windows.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 import time
@@ -132,3 +133,14 @@ def plot_curves(curves: dict[str, np.ndarray], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_results(path: str, rows: list[dict], curves: dict[str, np.ndarray],
+                  title: str) -> None:
+    """``{"rows": rows}`` as JSON at ``path`` and the loss curves as a PNG beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"rows": rows}, f, indent=2)
+    png = os.path.splitext(path)[0] + ".png"
+    plot_curves(curves, png, title)
+    print(f"wrote {path} and {png}")

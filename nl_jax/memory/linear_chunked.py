@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nl_jax.memory.maps import clip_scale
+from nl_jax.memory.maps import clip_errors
 from nl_jax.memory.spec import MemorySpec
 
 _HI = jax.lax.Precision.HIGHEST
@@ -182,8 +182,7 @@ def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] 
         coefs = at_last(beta)[..., None]
     d_v = e0.shape[-1]
 
-    clip = spec.grad_clip
-    k_sq = jnp.sum(k * k, -1) if clip > 0 else jnp.zeros(k.shape[:-1])  # |k_j|^2
+    k_sq = jnp.sum(k * k, -1) if spec.grad_clip > 0 else None   # |k_j|^2 for the clip
 
     def chunk_step(carry, xs):
         w_t, s_t = carry
@@ -191,8 +190,7 @@ def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] 
         # [K; Q] M_0^T: the errors and the outputs' Q M_0^T from one GEMM
         kq_w = _mm(kq_c, w_t)
         err = e0_c + coef * kq_w[..., :c, :] if coef else e0_c
-        if clip > 0:   # token j's direction E_j k_j^T has norm |E_j| |k_j|
-            err = err * clip_scale(jnp.sum(err * err, -1) * k_sq_c, clip)[..., None]
+        err = clip_errors(err, k_sq_c, spec.grad_clip)   # token j's direction E_j k_j^T
         # both state updates from one GEMM: K^T [diag(G[end]) E, diag(Le[end] theta) E]
         steps = _mm(kt_c, jnp.concatenate([r * err for r in weights], axis=-1))
         cf = cf[..., None, None]

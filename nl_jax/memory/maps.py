@@ -103,12 +103,15 @@ def clip_scale(grad_sq_norm: jax.Array, grad_clip: float) -> jax.Array:
     return grad_clip / jnp.maximum(jnp.sqrt(grad_sq_norm + 1e-12), grad_clip)
 
 
-def clip_errors(errors: jax.Array, inputs: jax.Array, grad_clip: float) -> jax.Array:
-    """Rows of ``errors`` [C, out] scaled so that every E[j] X[j]^T has norm <= G."""
+def clip_errors(errors: jax.Array, input_sq_norms: jax.Array, grad_clip: float) -> jax.Array:
+    """Rows of ``errors [..., C, out]`` scaled so that every E[j] X[j]^T has norm <= G.
+
+    ``input_sq_norms [..., C]``: |X[j]|^2, so |E[j] X[j]^T|_F = |E[j]| |X[j]|.
+    """
     if grad_clip <= 0:
         return errors
-    sq = jnp.sum(errors * errors, -1) * jnp.sum(inputs * inputs, -1)
-    return errors * clip_scale(sq, grad_clip)[:, None]
+    sq = jnp.sum(errors * errors, -1) * input_sq_norms
+    return errors * clip_scale(sq, grad_clip)[..., None]
 
 
 def token_loss(spec: MemorySpec, weights: Weights, key: jax.Array,
@@ -148,7 +151,8 @@ def layer_directions(spec: MemorySpec, weights: Weights, keys: jax.Array,
     errors, (inputs, linear_outs) = jax.grad(loss, has_aux=True)(zeros)
     if spec.dgd:
         errors = [e + lo for e, lo in zip(errors, linear_outs, strict=True)]
-    errors = [clip_errors(e, x, spec.grad_clip) for e, x in zip(errors, inputs, strict=True)]
+    errors = [clip_errors(e, jnp.sum(x * x, -1), spec.grad_clip)
+              for e, x in zip(errors, inputs, strict=True)]
     return list(inputs), list(errors)
 
 

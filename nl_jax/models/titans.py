@@ -178,12 +178,8 @@ def sliding_window_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
         k_blocks = jnp.concatenate([pk, k_blocks], axis=2)
         v_blocks = jnp.concatenate([pv, v_blocks], axis=2)
         mask = jnp.concatenate([jnp.ones((n, size, pk.shape[2]), bool), mask], axis=2)
-    q_blocks = q.reshape(b, n, size, h, d)
-    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q_blocks, k_blocks,
-                        preferred_element_type=jnp.float32) * d ** -0.5
-    logits = jnp.where(mask[None, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_blocks.dtype)
-    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs, v_blocks)
+    per_block = jax.vmap(masked_attention, in_axes=(1, 1, 1, 0), out_axes=1)
+    out = per_block(q.reshape(b, n, size, h, d), k_blocks, v_blocks, mask)
     return out.reshape(b, n * size, h, d)[:, :t]
 
 
