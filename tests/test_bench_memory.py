@@ -3,6 +3,8 @@
 import glob
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from nl_jax.bench import memory as bench
@@ -48,8 +50,54 @@ def test_chunked_only_with_a_trace(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--paths", "scan"], ["--lengths", "2048,x"],
-                                   ["--lengths", "0"], ["--chunk", "0"]])
+                                   ["--lengths", "0"], ["--chunk", "0"], ["--devices", "0"],
+                                   ["--devices", "3"]])
 def test_bad_flags_exit_2(flags):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(flags)
     assert exit_info.value.code == 2
+
+
+def test_sharded_over_heads_and_batch_equals_one_device():
+    """The default CPU layout of the benchmark: same values and gradients as one
+    device; heads alone on the mesh need no collectives."""
+    shape = dict(b=2, h=2, d=8, c=16)
+    fwd, fwd_bwd, args = bench.functions("chunked", 40, **shape)
+    for devices, collectives in ((2, False), (4, True)):   # 4: heads over 2, batch over 2
+        mesh = bench.head_mesh(devices, 2, 2)
+        assert dict(mesh.shape) == {"data": devices // 2, "tensor": 2}
+        s_fwd, s_fwd_bwd, s_args = bench.functions("chunked", 40, mesh=mesh, **shape)
+        assert s_args[1].sharding.num_devices == devices
+        np.testing.assert_allclose(s_fwd(*s_args)[0], fwd(*args)[0], atol=1e-6)
+        for got, want in zip(jax.tree.leaves(s_fwd_bwd(*s_args)),
+                             jax.tree.leaves(fwd_bwd(*args)), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        hlo = s_fwd_bwd.lower(*s_args).compile().as_text()
+        assert ("all-reduce" in hlo) == collectives
+
+
+def test_devices_flag_in_rows_and_json(tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    assert bench.main(["--lengths", "32", "--batch", "2", "--heads", "1", "--dim", "8",
+                       "--chunk", "16", "--repeats", "1", "--devices", "2",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["devices"] == 2 and {r["devices"] for r in result["rows"]} == {2}
+    assert "2 devices (batch over 2, heads over 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("devices, batch, heads, message", [
+    (3, 2, 4, "do not divide the batch"), (64, 2, 4, "devices are available")])
+def test_impossible_device_layouts_name_the_flag(devices, batch, heads, message):
+    with pytest.raises(ValueError, match=message) as info:
+        bench.head_mesh(devices, batch, heads)
+    assert f"--devices {devices}" in str(info.value)
+
+
+def test_default_devices_split_batch_times_heads(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 4)
+    assert jax.device_count() >= 4       # conftest: 8 host devices
+    assert bench.default_devices(2, 4) == 4
+    assert bench.default_devices(1, 3) == 3
+    assert bench.default_devices(1, 1) == 1
+    assert bench.default_devices(3, 1) == 3

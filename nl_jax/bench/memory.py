@@ -9,6 +9,16 @@ Other shapes: ``--lengths``, ``--batch``, ``--heads``, ``--dim``, ``--chunk``;
 ``jax.profiler`` trace of the chunked forward and forward+backward at the
 first length (open it with TensorBoard's profile plugin or Perfetto).
 
+Devices: both paths run under ``jit`` with their inputs sharded over a
+``(data, tensor)`` mesh of ``--devices`` devices: heads over ``tensor`` and,
+where the heads do not divide the devices, batch rows over ``data`` (heads
+are independent, so the program has no collectives; batch rows share the
+initial state, whose gradient is then summed across ``data``).  The default
+is one device on an accelerator and one host device per core on the CPU:
+XLA:CPU runs each batched GEMM of these shapes on a single thread, so one
+CPU device leaves all but one core idle, while the dense reference (one
+device, one large GEMM) uses them all.  ``--devices 1``: one device.
+
 FLOP counts (multiply-adds count 2), per (batch, head):
 
 * chunked, per chunk of C tokens with d = d_k = d_v (the algorithm's useful
@@ -24,13 +34,18 @@ FLOP counts (multiply-adds count 2), per (batch, head):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
 
@@ -83,13 +98,66 @@ def inputs(t: int, b: int = B, h: int = H, d: int = D):
     return q, k, v, theta, eta, alpha
 
 
-def functions(path: str, t: int, b: int = B, h: int = H, d: int = D, c: int = C):
-    """Jitted forward and forward+backward of one path, and their arguments."""
+def one_cpu_device_per_core() -> None:
+    """Ask for one XLA:CPU device per core; takes effect only before JAX starts a
+    backend, and not when ``XLA_FLAGS`` already sets a host device count.
+
+    Otherwise (e.g. inside the test suite) the devices that exist are used.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    with contextlib.suppress(RuntimeError):     # a backend is already running
+        jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+
+
+def default_devices(b: int, h: int) -> int:
+    """One device on an accelerator; on the CPU one per core (module docstring), or
+    fewer where batch x heads cannot be split that many ways."""
+    if jax.default_backend() != "cpu":
+        return 1
+    most = min(os.cpu_count() or 1, jax.device_count())
+    return max(n for n in range(1, most + 1) if b % (n // math.gcd(h, n)) == 0)
+
+
+def head_mesh(devices: int, b: int, h: int) -> jax.sharding.Mesh:
+    """``(data, tensor)`` mesh: heads over ``tensor``, as many devices as divide H,
+    then batch rows over ``data``.  ValueError when the batch does not divide the
+    rest.  Heads first: they share nothing, while batch rows share the initial
+    state, whose gradient is then summed across devices."""
+    if devices > jax.device_count():
+        raise ValueError(f"--devices {devices}: only {jax.device_count()} "
+                         f"{jax.default_backend()} devices are available")
+    tensor = math.gcd(h, devices)
+    data = devices // tensor
+    if b % data:
+        raise ValueError(f"--devices {devices}: after {tensor} over the {h} heads, "
+                         f"{data} do not divide the batch ({b}); choose a divisor of "
+                         f"batch x heads")
+    grid = np.array(jax.devices()[:devices]).reshape(data, tensor)
+    return jax.sharding.Mesh(grid, ("data", "tensor"))
+
+
+def place(mesh: jax.sharding.Mesh | None, params: dict, *arrays: jax.Array):
+    """Params ``[H, ...]`` over ``tensor``; ``[B, T, H, ...]`` arrays over (data, tensor)."""
+    if mesh is None:
+        return (params,) + arrays
+
+    def put(x, spec):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+    params = jax.tree.map(lambda p: put(p, P("tensor")), params)
+    return (params,) + tuple(put(x, P("data", None, "tensor")) for x in arrays)
+
+
+def functions(path: str, t: int, b: int = B, h: int = H, d: int = D, c: int = C,
+              mesh: jax.sharding.Mesh | None = None):
+    """Jitted forward and forward+backward of one path, and their arguments
+    (placed on ``mesh``'s devices, or left on the default device)."""
     spec = MemorySpec(kind="linear", objective="l2", momentum=True, weight_decay=True,
                       dgd=False, chunk_size=c, path=path)
     params = init_memory_params(spec, jax.random.PRNGKey(0), h, d, d)
-    args = (params,) + inputs(t, b, h, d)
     weights = jax.random.normal(jax.random.PRNGKey(7), (b, t, h, d))
+    args = place(mesh, params, *inputs(t, b, h, d), weights)
+    args, weights = args[:-1], args[-1]
 
     def forward(p, *x):
         return apply_memory(spec, p, *x)
@@ -101,22 +169,24 @@ def functions(path: str, t: int, b: int = B, h: int = H, d: int = D, c: int = C)
 
 
 def measure(path: str, t: int, repeats: int, b: int = B, h: int = H, d: int = D,
-            c: int = C) -> list[dict]:
+            c: int = C, mesh: jax.sharding.Mesh | None = None) -> list[dict]:
     """fwd and fwd_bwd rows for one path and length."""
-    fwd, fwd_bwd, args = functions(path, t, b, h, d, c)
+    fwd, fwd_bwd, args = functions(path, t, b, h, d, c, mesh)
+    devices = 1 if mesh is None else mesh.size
     flops = chunked_flops(t, c, d, b, h) if path == "chunked" else oracle_flops(t, d, b, h)
     slow = path == "oracle" and t > 2048
     rows = []
     for mode, fn, scale in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.0)):
         ms = median_ms(fn, args, 1 if slow and mode == "fwd_bwd" else repeats)
         rows.append({"path": path, "T": t, "mode": mode, "ms": ms,
-                     "gflops": scale * flops / (ms * 1e-3) / 1e9})
+                     "gflops": scale * flops / (ms * 1e-3) / 1e9, "devices": devices})
     return rows
 
 
-def record_trace(directory: str, t: int, b: int, h: int, d: int, c: int) -> None:
+def record_trace(directory: str, t: int, b: int, h: int, d: int, c: int,
+                 mesh: jax.sharding.Mesh | None = None) -> None:
     """A ``jax.profiler`` trace of three chunked fwd and fwd_bwd calls (after compiling)."""
-    fwd, fwd_bwd, args = functions("chunked", t, b, h, d, c)
+    fwd, fwd_bwd, args = functions("chunked", t, b, h, d, c, mesh)
     for fn in (fwd, fwd_bwd):
         jax.block_until_ready(fn(*args))
     with jax.profiler.trace(directory):
@@ -151,6 +221,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chunk", type=int, default=C, help="chunk size C")
     parser.add_argument("--paths", default=",".join(PATHS),
                         help="comma-separated subset of oracle,chunked")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="devices to shard batch and heads over (default: one per "
+                             "core on the CPU, one on an accelerator)")
     parser.add_argument("--trace", metavar="DIR",
                         help="also write a jax.profiler trace of the chunked path here")
     args = parser.parse_args(argv)
@@ -160,15 +233,25 @@ def main(argv: list[str]) -> int:
     for name in ("repeats", "batch", "heads", "dim", "chunk"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    if args.devices is not None and args.devices < 1:
+        parser.error("--devices must be >= 1")
+    one_cpu_device_per_core()
+    devices = args.devices or default_devices(args.batch, args.heads)
+    try:
+        mesh = head_mesh(devices, args.batch, args.heads) if devices > 1 else None
+    except ValueError as e:
+        parser.error(str(e))
     shape = dict(b=args.batch, h=args.heads, d=args.dim, c=args.chunk)
     dense = dense_matmul_gflops()
     rows = []
     for t in args.lengths:
         for path in (p for p in PATHS if p in paths):
-            rows.extend(measure(path, t, args.repeats, **shape))
+            rows.extend(measure(path, t, args.repeats, mesh=mesh, **shape))
+    layout = (f"{devices} devices (batch over {mesh.shape['data']}, heads over "
+              f"{mesh.shape['tensor']})" if mesh else "1 device")
     print(f"B={args.batch} H={args.heads} d={args.dim} C={args.chunk}, "
-          f"device {jax.devices()[0].platform}")
-    print(f"dense 2048x2048 fp32 matmul: {dense:.1f} GFLOP/s")
+          f"{jax.devices()[0].platform}, {layout}")
+    print(f"dense 2048x2048 fp32 matmul (1 device): {dense:.1f} GFLOP/s")
     print(f"{'path':8s} {'T':>6s} {'mode':8s} {'ms':>10s} {'GFLOP/s':>8s} "
           f"{'% dense':>8s} {'speedup':>8s}")
     oracle_ms = {(r["T"], r["mode"]): r["ms"] for r in rows if r["path"] == "oracle"}
@@ -182,9 +265,9 @@ def main(argv: list[str]) -> int:
         with open(args.json, "w") as f:
             json.dump({"dense_matmul_gflops": dense, "rows": rows,
                        "shape": {"B": args.batch, "H": args.heads, "d": args.dim,
-                                 "C": args.chunk}}, f, indent=2)
+                                 "C": args.chunk}, "devices": devices}, f, indent=2)
     if args.trace:
-        record_trace(args.trace, args.lengths[0], **shape)
+        record_trace(args.trace, args.lengths[0], mesh=mesh, **shape)
         print(f"trace of the chunked path at T={args.lengths[0]} in {args.trace}")
     return 0
 
