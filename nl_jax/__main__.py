@@ -2,6 +2,8 @@
 
 Commands:
   train      train (or resume) a model: --config FILE[:ARG] --config.KEY=VALUE --workdir DIR
+             (on several hosts: the same command on each, plus --distributed or
+             --coordinator HOST:PORT --num_processes N --process_id I)
   eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...]
   generate   sample text from a workdir's latest checkpoint [--prompt TEXT --tokens N]
   bench      benchmarks: ``bench memory`` | ``optimizers`` | ``schedules`` (--json PATH)
@@ -45,11 +47,18 @@ def _split_workdir(rest: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(argv: list[str]) -> int:
     from nl_jax import config as config_lib
+    from nl_jax.train import distributed
     config, rest = config_lib.load(argv)
     workdir, unknown = _split_workdir(rest)
+    launch, unknown = distributed.split_flags(unknown)
     if unknown:
         raise UserError(f"train: unknown arguments {unknown}; use --config, "
-                        f"--config.KEY=VALUE and --workdir")
+                        f"--config.KEY=VALUE, --workdir and the multi-process flags "
+                        f"(--distributed, or --coordinator/--num_processes/--process_id)")
+    if workdir is None and distributed.requested(launch):
+        raise UserError("train: a multi-process run needs --workdir DIR, the same folder "
+                        "(seen by every host) on every process")
+    distributed.initialize(launch)
     from nl_jax.train.loop import train
     result = train(config, _workdir(workdir, config))
     if result.get("diverged"):

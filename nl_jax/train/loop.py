@@ -17,6 +17,7 @@ from nl_jax import config as config_lib
 from nl_jax.errors import ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
+from nl_jax.train.distributed import is_primary
 from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, init_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
@@ -75,7 +76,7 @@ class Trainer:
                              if config.train.eval_batches else [])
         self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,
                                                   config.to_dict())
-        self.writer = metrics_lib.MetricsWriter(workdir, enabled=write_metrics)
+        self.writer = metrics_lib.MetricsWriter(workdir, enabled=write_metrics and is_primary())
         self.resumed_from = None
 
     # -- pieces -----------------------------------------------------------------
@@ -131,14 +132,17 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     trainer = Trainer(config, workdir, devices=devices)
     cfg = config.train
     start = trainer.maybe_restore()
-    progress_print = print
-    progress_print(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
-                   f"{trainer.num_params:,} parameters, mesh "
-                   f"{dict(trainer.mesh.shape)}, workdir {workdir}")
+    primary = is_primary()     # process 0 prints and writes the workdir's files
+    say = print if primary else (lambda *args, **kwargs: None)
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    say(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
+        f"{trainer.num_params:,} parameters, mesh {dict(trainer.mesh.shape)}{processes}, "
+        f"workdir {workdir}")
     if start:
-        progress_print(f"resuming from step {start}")
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2, default=str)
+        say(f"resuming from step {start}")
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
     trainer.compile()
 
     interrupted = {"flag": False}
@@ -150,7 +154,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         interrupted["flag"] = True
 
     signal.signal(signal.SIGINT, on_sigint)
-    progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every)
+    progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     first_loss = last = diverged = None
     timer, window_steps = metrics_lib.Timer(), 0
@@ -201,7 +205,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         trainer.checkpointer.close()
         trainer.writer.close()
         good = trainer.checkpointer.latest_step()
-        print(f"error: the loss became non-finite at step {diverged} (last logged finite "
+        say(f"error: the loss became non-finite at step {diverged} (last logged finite "
               f"loss: {last['loss'] if last else 'none'}); stopped without saving. Last "
               f"checkpoint: {'step ' + str(good) if good is not None else 'none'}. Lower "
               f"the learning rate (levels.*.optimizer.learning_rate) or "
@@ -211,7 +215,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     trainer.checkpointer.close()
     step = int(trainer.state["step"])
     if interrupted["flag"]:
-        print(f"interrupted: checkpoint saved at step {step} in {trainer.checkpointer.directory}")
+        say(f"interrupted: checkpoint saved at step {step} in {trainer.checkpointer.directory}")
         trainer.writer.close()
         return {"interrupted": True, "step": step}
 
@@ -225,8 +229,10 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         trainer.writer.write(step, "eval", ev)
         final.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
     trainer.writer.close()
+    if not primary:
+        return final
     metrics_lib.plot_loss_curve(trainer.writer.path, os.path.join(workdir, "loss_curve.png"))
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and jax.process_count() == 1:   # several: `generate` afterwards
         from nl_jax.eval.generate import generate
         final["sample"] = generate(trainer.model_def, trainer.state["params"],
                                    trainer.tokenizer, prompt="The",

@@ -49,13 +49,15 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar on a terminal, plain log lines otherwise."""
+    """A tqdm bar on a terminal, plain log lines otherwise; silent when not enabled
+    (processes other than 0 of a multi-process run)."""
 
-    def __init__(self, total: int, initial: int, every: int):
+    def __init__(self, total: int, initial: int, every: int, enabled: bool = True):
         self.every = every
+        self.enabled = enabled
         self.tty = sys.stdout.isatty()
         self.bar = None
-        if self.tty:
+        if self.tty and enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
@@ -65,13 +67,13 @@ class Progress:
             if metrics:
                 self.bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                      tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
-        elif metrics:
+        elif metrics and self.enabled:
             print(format_line(step, metrics), flush=True)
 
     def write(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line)
-        else:
+        elif self.enabled:
             print(line, flush=True)
 
     def close(self) -> None:
