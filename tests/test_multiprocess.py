@@ -1,11 +1,14 @@
 """Multi-process training: two CPU processes joined by ``--coordinator`` train the
 same model as one process with two devices, and write the workdir once."""
 
+import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,16 +28,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def nl_jax(args, host_devices: int, **popen):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={host_devices}")
-    return subprocess.Popen([sys.executable, "-m", "nl_jax", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+class Run:
+    """``python -m nl_jax ARGS`` in a subprocess, output to files (no pipe can fill)."""
+
+    def __init__(self, args, host_devices: int, log: str):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={host_devices}")
+        self.log = log
+        with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "nl_jax", *args], cwd=REPO,
+                                         env=env, stdout=out, stderr=err, text=True)
+
+    def finish(self, timeout=600):
+        """(exit code, stdout, stderr); kills the process if it runs past ``timeout``."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        with open(self.log + ".out") as out, open(self.log + ".err") as err:
+            return self.proc.returncode, out.read(), err.read()
 
 
-def finish(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
+def finish_all(runs, timeout=600):
+    try:
+        return [r.finish(timeout) for r in runs]
+    finally:
+        for r in runs:
+            if r.proc.poll() is None:
+                r.proc.kill()
+
+
+def two_processes(args, workdir, logs):
+    port = free_port()
+    return [Run(["train", *args, "--workdir", workdir, "--coordinator", f"localhost:{port}",
+                 "--num_processes", "2", "--process_id", str(i)], 1, f"{logs}_{i}")
+            for i in range(2)]
 
 
 def records(workdir, split):
@@ -43,18 +73,21 @@ def records(workdir, split):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def cache_flag(tmp_path_factory):
+    """One token cache for the module's runs (built by the first)."""
+    return f"--config.data.cache_dir={tmp_path_factory.mktemp('token_cache')}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_flag):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    flags = FLAGS + [f"--config.data.cache_dir={tmp / 'cache'}"]
+    flags = FLAGS + [cache_flag]
     one = str(tmp / "one_process")
-    code, out, err = finish(nl_jax(["train", *flags, "--workdir", one], host_devices=2))
+    code, out, err = finish_all([Run(["train", *flags, "--workdir", one], 2,
+                                     str(tmp / "one"))])[0]
     assert code == 0, err[-3000:]
     two = str(tmp / "two_processes")
-    port = free_port()
-    procs = [nl_jax(["train", *flags, "--workdir", two, "--coordinator", f"localhost:{port}",
-                     "--num_processes", "2", "--process_id", str(i)], host_devices=1)
-             for i in range(2)]
-    results = [finish(p) for p in procs]
+    results = finish_all(two_processes(flags, two, str(tmp / "two")))
     for code, _, err in results:
         assert code == 0, err[-3000:]
     return one, two, out, results
@@ -78,11 +111,12 @@ def test_only_process_0_reports(runs):
     assert not any(w in out1 for w in ("nl_jax:", "loss=", "final:"))   # (Gloo prints a line)
     for name in ("config.json", "final_metrics.json", "loss_curve.png"):
         assert os.path.exists(os.path.join(two, name))
+    assert len(glob.glob(os.path.join(two, "tensorboard", "events*"))) == 1
 
 
 def test_a_multi_process_checkpoint_evaluates_in_one_process(runs):
     one, two, _, _ = runs
-    code, out, err = finish(nl_jax(["eval", "--workdir", two], host_devices=1))
+    code, out, err = Run(["eval", "--workdir", two], 1, two + "_eval").finish()
     assert code == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(
         records(one, "eval")[0]["loss"], rel=1e-5)
@@ -91,13 +125,67 @@ def test_a_multi_process_checkpoint_evaluates_in_one_process(runs):
 @pytest.mark.parametrize("flags, needle", [
     (["--num_processes", "2"], "go together"),
     (["--coordinator", "localhost:1", "--num_processes", "2", "--process_id", "2"],
-     "--process_id must be in [0, --num_processes)")])
+     "--process_id must be in [0, --num_processes)"),
+    (["--coordinator", "localhost", "--num_processes", "2", "--process_id", "0"],
+     "--coordinator must be HOST:PORT"),
+    (["--coordinator", "localhost:1", "--num_processes", "two", "--process_id", "0"],
+     "must be integers"),
+    (["--coordinator", "localhost:1", "--num_processes", "0", "--process_id", "0"],
+     "--num_processes must be >= 1")])
 def test_bad_launch_flags_exit_2(tmp_path, flags, needle):
-    code, _, err = finish(nl_jax(["train", *FLAGS, "--workdir", str(tmp_path), *flags],
-                                 host_devices=1), timeout=120)
+    code, _, err = Run(["train", *FLAGS, "--workdir", str(tmp_path / "w"), *flags], 1,
+                       str(tmp_path / "log")).finish(timeout=120)
     assert code == 2 and needle in err and "Traceback" not in err
 
 
-def test_multi_process_needs_a_workdir():
-    code, _, err = finish(nl_jax(["train", "--distributed"], host_devices=1), timeout=120)
+def test_multi_process_needs_a_workdir(tmp_path):
+    code, _, err = Run(["train", "--distributed"], 1, str(tmp_path / "log")).finish(120)
     assert code == 2 and "needs --workdir" in err
+
+
+def wait_for_train_records(workdir, count, procs, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert all(p.proc.poll() is None for p in procs), "a process exited early"
+        if os.path.exists(path) and len(records(workdir, "train")) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} train records in {path} after {timeout} s")
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if d.isdigit())
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path, cache_flag):
+    flags = [f for f in FLAGS if "train.steps" not in f] + [
+        "--config.train.steps=100000", cache_flag]
+    workdir = str(tmp_path / "w")
+    run = Run(["train", *flags, "--workdir", workdir], 1, str(tmp_path / "log"))
+    try:
+        wait_for_train_records(workdir, 2, [run])
+    finally:
+        run.proc.send_signal(signal.SIGINT)
+    code, out, err = run.finish(timeout=120)
+    assert code == 130, err[-3000:]
+    step = checkpoint_steps(workdir)[-1]
+    assert f"interrupted: checkpoint saved at step {step}" in out
+    assert step >= 2
+
+
+def test_ctrl_c_on_one_process_stops_both_at_the_same_step(tmp_path, cache_flag):
+    """Process 1 alone gets SIGINT: the processes agree, save one checkpoint, exit 130."""
+    flags = [f for f in FLAGS if "train.steps" not in f] + [
+        "--config.train.steps=100000", cache_flag]
+    workdir = str(tmp_path / "w")
+    procs = two_processes(flags, workdir, str(tmp_path / "log"))
+    try:
+        wait_for_train_records(workdir, 2, procs)
+    finally:
+        procs[1].proc.send_signal(signal.SIGINT)
+    (code0, out0, err0), (code1, _, err1) = finish_all(procs, timeout=180)
+    assert (code0, code1) == (130, 130), (err0[-2000:], err1[-2000:])
+    steps = checkpoint_steps(workdir)
+    assert f"interrupted: checkpoint saved at step {steps[-1]}" in out0

@@ -17,7 +17,7 @@ from nl_jax import config as config_lib
 from nl_jax.errors import ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
-from nl_jax.train.distributed import is_primary
+from nl_jax.train.distributed import agree, is_primary
 from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, init_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
@@ -145,13 +145,17 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             json.dump(config.to_dict(), f, indent=2, default=str)
     trainer.compile()
 
-    interrupted = {"flag": False}
+    # Ctrl-C: finish the step, save, exit (a second one exits at once).  With
+    # several processes a stop is agreed at logging steps, so all save together.
+    interrupted = {"flag": False, "stop": False}
+    multi_process = jax.process_count() > 1
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):
         if interrupted["flag"]:
             raise KeyboardInterrupt
         interrupted["flag"] = True
+        interrupted["stop"] = not multi_process     # several processes: agreed below
 
     signal.signal(signal.SIGINT, on_sigint)
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
@@ -160,14 +164,17 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     timer, window_steps = metrics_lib.Timer(), 0
     try:
         step = start
-        while step < cfg.steps and not interrupted["flag"]:
+        while step < cfg.steps and not interrupted["stop"]:
             batch = trainer.device_batch(next(trainer.data))
             trainer.state, metrics = trainer.train_step(trainer.state, batch)
             step += 1
             window_steps += 1
             checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
-            if (step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
-                    or checkpoint_due):  # a checkpoint is only written after a finite loss
+            log_now = (step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
+                       or checkpoint_due)  # a checkpoint is only written after a finite loss
+            if multi_process and log_now:
+                interrupted["stop"] = agree(interrupted["flag"])
+            if log_now:
                 m = metrics_lib.to_python(jax.device_get(metrics))
                 dt = timer.lap()
                 m.update(perplexity=float(np.exp(min(m["loss"], 50.0))),
@@ -196,7 +203,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             if checkpoint_due:
                 trainer.save()
     except KeyboardInterrupt:
-        interrupted["flag"] = True
+        if multi_process:      # the others cannot join a save now: exit without one
+            raise
+        interrupted["stop"] = True
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
@@ -214,7 +223,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     trainer.save(force=True)
     trainer.checkpointer.close()
     step = int(trainer.state["step"])
-    if interrupted["flag"]:
+    if interrupted["stop"]:
         say(f"interrupted: checkpoint saved at step {step} in {trainer.checkpointer.directory}")
         trainer.writer.close()
         return {"interrupted": True, "step": step}
