@@ -63,7 +63,7 @@ def cmd_train(argv: list[str]) -> int:
     result = train(config, _workdir(workdir, config))
     if result.get("diverged"):
         return 1
-    return 130 if result.get("interrupted") else 0
+    return 128 + int(result["signal"]) if result.get("interrupted") else 0
 
 
 def _load_run(argv: list[str], command: str):

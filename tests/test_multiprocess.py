@@ -1,5 +1,6 @@
 """Multi-process training: two CPU processes joined by ``--coordinator`` train the
-same model as one process with two devices, and write the workdir once."""
+same model as one process with two devices, and write the workdir once; Ctrl-C
+and SIGTERM save and exit, on one process or on one of two."""
 
 import glob
 import json
@@ -159,7 +160,8 @@ def checkpoint_steps(workdir):
                   if d.isdigit())
 
 
-def test_ctrl_c_saves_and_exits_130(tmp_path, cache_flag):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_signal(tmp_path, cache_flag, sig, code):
     flags = [f for f in FLAGS if "train.steps" not in f] + [
         "--config.train.steps=100000", cache_flag]
     workdir = str(tmp_path / "w")
@@ -167,11 +169,11 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, cache_flag):
     try:
         wait_for_train_records(workdir, 2, [run])
     finally:
-        run.proc.send_signal(signal.SIGINT)
-    code, out, err = run.finish(timeout=120)
-    assert code == 130, err[-3000:]
+        run.proc.send_signal(sig)
+    got, out, err = run.finish(timeout=120)
+    assert got == code, err[-3000:]
     step = checkpoint_steps(workdir)[-1]
-    assert f"interrupted: checkpoint saved at step {step}" in out
+    assert f"interrupted ({sig.name}): checkpoint saved at step {step}" in out
     assert step >= 2
 
 
@@ -188,4 +190,4 @@ def test_ctrl_c_on_one_process_stops_both_at_the_same_step(tmp_path, cache_flag)
     (code0, out0, err0), (code1, _, err1) = finish_all(procs, timeout=180)
     assert (code0, code1) == (130, 130), (err0[-2000:], err1[-2000:])
     steps = checkpoint_steps(workdir)
-    assert f"interrupted: checkpoint saved at step {steps[-1]}" in out0
+    assert f"interrupted (SIGINT): checkpoint saved at step {steps[-1]}" in out0

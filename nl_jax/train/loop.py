@@ -145,19 +145,22 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             json.dump(config.to_dict(), f, indent=2, default=str)
     trainer.compile()
 
-    # Ctrl-C: finish the step, save, exit (a second one exits at once).  With
-    # several processes a stop is agreed at logging steps, so all save together.
-    interrupted = {"flag": False, "stop": False}
+    # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit (a second
+    # signal exits at once).  With several processes a stop is agreed at logging
+    # steps, so all save together.
+    interrupted = {"flag": False, "stop": False, "signal": 0}
     multi_process = jax.process_count() > 1
-    previous = signal.getsignal(signal.SIGINT)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
 
-    def on_sigint(signum, frame):
+    def on_stop_signal(signum, frame):
         if interrupted["flag"]:
             raise KeyboardInterrupt
-        interrupted["flag"] = True
+        interrupted.update(flag=True, signal=signum)
         interrupted["stop"] = not multi_process     # several processes: agreed below
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in stop_signals:
+        signal.signal(sig, on_stop_signal)
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     first_loss = last = diverged = None
@@ -207,7 +210,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             raise
         interrupted["stop"] = True
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         progress.close()
     if diverged is not None:
         # Keep the last good checkpoint; never save a non-finite state over it.
@@ -224,9 +228,12 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     trainer.checkpointer.close()
     step = int(trainer.state["step"])
     if interrupted["stop"]:
-        say(f"interrupted: checkpoint saved at step {step} in {trainer.checkpointer.directory}")
+        name = signal.Signals(interrupted["signal"] or signal.SIGINT).name
+        say(f"interrupted ({name}): checkpoint saved at step {step} in "
+            f"{trainer.checkpointer.directory}")
         trainer.writer.close()
-        return {"interrupted": True, "step": step}
+        return {"interrupted": True, "step": step,
+                "signal": interrupted["signal"] or signal.SIGINT}
 
     final = {"step": step, "train_loss_first": first_loss,
              "train_loss_last": last["loss"] if last else None,
