@@ -177,8 +177,11 @@ def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_signal(tmp_path, cache_flag,
     assert step >= 2
 
 
-def test_ctrl_c_on_one_process_stops_both_at_the_same_step(tmp_path, cache_flag):
-    """Process 1 alone gets SIGINT: the processes agree, save one checkpoint, exit 130."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, cache_flag, sig,
+                                                             code):
+    """Process 1 alone gets the signal: the processes agree on a step, save one
+    checkpoint there and exit 128 + signal."""
     flags = [f for f in FLAGS if "train.steps" not in f] + [
         "--config.train.steps=100000", cache_flag]
     workdir = str(tmp_path / "w")
@@ -186,8 +189,8 @@ def test_ctrl_c_on_one_process_stops_both_at_the_same_step(tmp_path, cache_flag)
     try:
         wait_for_train_records(workdir, 2, procs)
     finally:
-        procs[1].proc.send_signal(signal.SIGINT)
+        procs[1].proc.send_signal(sig)
     (code0, out0, err0), (code1, _, err1) = finish_all(procs, timeout=180)
-    assert (code0, code1) == (130, 130), (err0[-2000:], err1[-2000:])
+    assert (code0, code1) == (code, code), (err0[-2000:], err1[-2000:])
     steps = checkpoint_steps(workdir)
-    assert f"interrupted (SIGINT): checkpoint saved at step {steps[-1]}" in out0
+    assert f"interrupted ({sig.name}): checkpoint saved at step {steps[-1]}" in out0

@@ -7,7 +7,8 @@ Each process reads its own rows of every global batch (``data/pipeline.py``)
 and only process 0 writes the workdir's metrics, config and plots (orbax
 coordinates the checkpoint writes of all processes; the workdir must be a
 path that every host sees).  Ctrl-C is acted on when all processes agree
-(``agree``, at logging steps), so they save the same step together.
+(``agree``, at logging steps) and SIGTERM at the step JAX's preemption
+service agrees on (``preempted``), so they save the same step together.
 
 Flags:
   --distributed            detect the cluster: Cloud TPU pod slices (one
@@ -97,6 +98,16 @@ def agree(flag: bool) -> bool:
         return flag
     from jax.experimental import multihost_utils
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def preempted(step: int) -> bool:
+    """Whether every process has reached the step that JAX's preemption service
+    agreed on after a SIGTERM to any of them (call at every step, on every
+    process, with the same step numbers)."""
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def is_primary() -> bool:

@@ -17,7 +17,7 @@ from nl_jax import config as config_lib
 from nl_jax.errors import ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
-from nl_jax.train.distributed import agree, is_primary
+from nl_jax.train.distributed import agree, is_primary, preempted
 from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, init_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
@@ -146,11 +146,12 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     trainer.compile()
 
     # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit (a second
-    # signal exits at once).  With several processes a stop is agreed at logging
-    # steps, so all save together.
+    # signal exits at once).  With several processes all must save the same step:
+    # Ctrl-C is agreed at logging steps, SIGTERM is left to JAX's preemption
+    # service, which agrees on a step in the background.
     interrupted = {"flag": False, "stop": False, "signal": 0}
     multi_process = jax.process_count() > 1
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    stop_signals = (signal.SIGINT,) if multi_process else (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.getsignal(sig) for sig in stop_signals}
 
     def on_stop_signal(signum, frame):
@@ -175,8 +176,11 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
             log_now = (step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
                        or checkpoint_due)  # a checkpoint is only written after a finite loss
-            if multi_process and log_now:
-                interrupted["stop"] = agree(interrupted["flag"])
+            if multi_process:
+                if preempted(step):
+                    interrupted.update(stop=True, signal=signal.SIGTERM)
+                elif log_now:
+                    interrupted["stop"] = agree(interrupted["flag"])
             if log_now:
                 m = metrics_lib.to_python(jax.device_get(metrics))
                 dt = timer.lap()
