@@ -6,9 +6,9 @@ so ``jax.devices()`` lists the devices of all hosts and the mesh spans them.
 Each process reads its own rows of every global batch (``data/pipeline.py``)
 and only process 0 writes the workdir's metrics, config and plots (orbax
 coordinates the checkpoint writes of all processes; the workdir must be a
-path that every host sees).  Ctrl-C is acted on when all processes agree
-(``agree``, at logging steps) and SIGTERM at the step JAX's preemption
-service agrees on (``preempted``), so they save the same step together.
+path that every host sees).  Ctrl-C or SIGTERM on any process is acted on
+when all processes have agreed on it (``agreed_max`` at logging steps), so
+they save the same step together.
 
 Flags:
   --distributed            detect the cluster: Cloud TPU pod slices (one
@@ -91,23 +91,13 @@ def initialize(flags: argparse.Namespace) -> None:
                         f"to every process") from None
 
 
-def agree(flag: bool) -> bool:
-    """True on every process when ``flag`` is true on any (a collective: all
-    processes must call it at the same point)."""
+def agreed_max(value: int) -> int:
+    """The largest ``value`` over all processes (a collective: every process must
+    call it at the same point of the program)."""
     if jax.process_count() == 1:
-        return flag
+        return value
     from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def preempted(step: int) -> bool:
-    """Whether every process has reached the step that JAX's preemption service
-    agreed on after a SIGTERM to any of them (call at every step, on every
-    process, with the same step numbers)."""
-    if jax.process_count() == 1:
-        return False
-    from jax.experimental import multihost_utils
-    return multihost_utils.reached_preemption_sync_point(step)
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def is_primary() -> bool:

@@ -17,7 +17,7 @@ from nl_jax import config as config_lib
 from nl_jax.errors import ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
-from nl_jax.train.distributed import agree, is_primary, preempted
+from nl_jax.train.distributed import agreed_max, is_primary
 from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, init_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
@@ -145,27 +145,29 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             json.dump(config.to_dict(), f, indent=2, default=str)
     trainer.compile()
 
-    # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit (a second
-    # signal exits at once).  With several processes all must save the same step:
-    # Ctrl-C is agreed at logging steps, SIGTERM is left to JAX's preemption
-    # service, which agrees on a step in the background.
-    interrupted = {"flag": False, "stop": False, "signal": 0}
+    # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit; a second
+    # signal exits at once without saving.  With several processes the stop (and
+    # the signal reported) is agreed at the next logging step, so all save the
+    # same step.  These handlers replace the SIGTERM handler of JAX's preemption
+    # service, so orbax's own preemption checks stay off: the loop alone decides.
+    interrupted = {"signal": 0, "agreed": 0, "stop": False}
     multi_process = jax.process_count() > 1
-    stop_signals = (signal.SIGINT,) if multi_process else (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_stop_signal(signum, frame):
-        if interrupted["flag"]:
+        if interrupted["signal"]:
             raise KeyboardInterrupt
-        interrupted.update(flag=True, signal=signum)
-        interrupted["stop"] = not multi_process     # several processes: agreed below
+        interrupted["signal"] = signum
+        if not multi_process:       # several processes: only an agreed stop counts
+            interrupted["stop"] = True
 
-    for sig in stop_signals:
+    for sig in previous:
         signal.signal(sig, on_stop_signal)
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     first_loss = last = diverged = None
     timer, window_steps = metrics_lib.Timer(), 0
+    aborted = False
     try:
         step = start
         while step < cfg.steps and not interrupted["stop"]:
@@ -176,11 +178,11 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             checkpoint_due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
             log_now = (step % cfg.log_every == 0 or step == cfg.steps or step == start + 1
                        or checkpoint_due)  # a checkpoint is only written after a finite loss
-            if multi_process:
-                if preempted(step):
-                    interrupted.update(stop=True, signal=signal.SIGTERM)
-                elif log_now:
-                    interrupted["stop"] = agree(interrupted["flag"])
+            if multi_process and log_now:
+                # (a signal may land during the collective: never overwrite the local one)
+                agreed = agreed_max(interrupted["signal"])
+                if agreed:
+                    interrupted.update(stop=True, agreed=agreed)
             if log_now:
                 m = metrics_lib.to_python(jax.device_get(metrics))
                 dt = timer.lap()
@@ -202,17 +204,17 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                 progress.update(step, m)
             else:
                 progress.update(step, None)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            stopping = interrupted["stop"]     # no eval or periodic save: save and go
+            if (cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+                    and not stopping):
                 ev = trainer.evaluate()
                 trainer.writer.write(step, "eval", ev)
                 progress.write(f"eval step {step}: loss={ev['loss']:.4f} "
                                f"perplexity={ev['perplexity']:.2f}")
-            if checkpoint_due:
+            if checkpoint_due and not stopping:
                 trainer.save()
-    except KeyboardInterrupt:
-        if multi_process:      # the others cannot join a save now: exit without one
-            raise
-        interrupted["stop"] = True
+    except KeyboardInterrupt:   # a second signal: the state may be mid-step, no save
+        aborted = True
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -228,16 +230,23 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
               f"the learning rate (levels.*.optimizer.learning_rate) or "
               f"train.grad_clip_norm.", file=sys.stderr)
         return {"diverged": True, "step": diverged}
+    if aborted:
+        if not multi_process:    # the others may be stuck in a collective: no wait
+            trainer.checkpointer.close()
+        trainer.writer.close()
+        good = trainer.checkpointer.latest_step()
+        say(f"interrupted twice: exiting without saving; last checkpoint: "
+            f"{'step ' + str(good) if good is not None else 'none'}", file=sys.stderr)
+        return {"interrupted": True, "step": step, "signal": interrupted["signal"]}
     trainer.save(force=True)
     trainer.checkpointer.close()
     step = int(trainer.state["step"])
     if interrupted["stop"]:
-        name = signal.Signals(interrupted["signal"] or signal.SIGINT).name
-        say(f"interrupted ({name}): checkpoint saved at step {step} in "
-            f"{trainer.checkpointer.directory}")
+        signum = interrupted["agreed"] or interrupted["signal"]
+        say(f"interrupted ({signal.Signals(signum).name}): checkpoint saved at step {step} "
+            f"in {trainer.checkpointer.directory}")
         trainer.writer.close()
-        return {"interrupted": True, "step": step,
-                "signal": interrupted["signal"] or signal.SIGINT}
+        return {"interrupted": True, "step": step, "signal": signum}
 
     final = {"step": step, "train_loss_first": first_loss,
              "train_loss_last": last["loss"] if last else None,
