@@ -45,11 +45,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+from nl_jax.train.mesh import make_mesh
 
 B, H, D, C = 2, 4, 64, 64
 LENGTHS = (2048, 8192)
@@ -135,10 +135,11 @@ def default_devices(b: int, h: int) -> int:
 
 
 def head_mesh(devices: int, b: int, h: int) -> jax.sharding.Mesh:
-    """``(data, tensor)`` mesh: heads over ``tensor``, as many devices as divide H,
-    then batch rows over ``data``.  ValueError when the batch does not divide the
-    rest.  Heads first: they share nothing, while batch rows share the initial
-    state, whose gradient is then summed across devices."""
+    """``(data, tensor)`` mesh (the trainer's ``make_mesh``): heads over ``tensor``,
+    as many devices as divide H, then batch rows over ``data``; ValueError when
+    that cannot use ``devices`` (``splits``).  Heads first: they share nothing,
+    while batch rows share the initial state, whose gradient is then summed
+    across devices."""
     if devices > jax.device_count():
         raise ValueError(f"--devices {devices}: only {jax.device_count()} "
                          f"{jax.default_backend()} devices are available")
@@ -147,8 +148,7 @@ def head_mesh(devices: int, b: int, h: int) -> jax.sharding.Mesh:
         raise ValueError(f"--devices {devices}: the {h} heads and then the batch of {b} "
                          f"cannot be split {devices} ways; use one of {ok}")
     tensor = math.gcd(h, devices)
-    grid = np.array(jax.devices()[:devices]).reshape(devices // tensor, tensor)
-    return jax.sharding.Mesh(grid, ("data", "tensor"))
+    return make_mesh({"data": devices // tensor, "tensor": tensor}, jax.devices()[:devices])
 
 
 def place(mesh: jax.sharding.Mesh | None, params: dict, *arrays: jax.Array):

@@ -225,10 +225,10 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         trainer.writer.close()
         good = trainer.checkpointer.latest_step()
         say(f"error: the loss became non-finite at step {diverged} (last logged finite "
-              f"loss: {last['loss'] if last else 'none'}); stopped without saving. Last "
-              f"checkpoint: {'step ' + str(good) if good is not None else 'none'}. Lower "
-              f"the learning rate (levels.*.optimizer.learning_rate) or "
-              f"train.grad_clip_norm.", file=sys.stderr)
+            f"loss: {last['loss'] if last else 'none'}); stopped without saving. Last "
+            f"checkpoint: {'step ' + str(good) if good is not None else 'none'}. Lower "
+            f"the learning rate (levels.*.optimizer.learning_rate) or "
+            f"train.grad_clip_norm.", file=sys.stderr)
         return {"diverged": True, "step": diverged}
     if aborted:
         if not multi_process:    # the others may be stuck in a collective: no wait
