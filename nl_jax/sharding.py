@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,3 +73,23 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh, rules = ctx
     spec = logical_to_mesh_spec(axes, rules, mesh.axis_names)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def local_mesh_axes(axes: Sequence[str | None], shape: Sequence[int]
+                    ) -> tuple[jax.sharding.Mesh, P] | None:
+    """(mesh, spec) to run per-shard code (``jax.shard_map``) over dimensions named
+    ``axes``: the rules' spec, keeping a dimension's mesh axes only where their
+    product divides its size.  None without rules (``use_rules``) or when nothing
+    would be split."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return None
+    mesh, rules = ctx
+    spec, split = [], 1
+    for target, size in zip(logical_to_mesh_spec(axes, rules, mesh.axis_names), shape,
+                            strict=True):
+        names = () if target is None else (target,) if isinstance(target, str) else target
+        ways = math.prod(mesh.shape[name] for name in names)
+        spec.append(target if names and size % ways == 0 else None)
+        split *= ways if spec[-1] is not None else 1
+    return (mesh, P(*spec)) if split > 1 else None

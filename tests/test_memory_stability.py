@@ -148,7 +148,7 @@ def test_long_sequence_extreme_gates_finite():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("kind", "conv"), ("objective", "l1"), ("path", "fast"), ("path", "kernel"),
+    ("kind", "conv"), ("objective", "l1"), ("path", "fast"), ("path", "pallas"),
     ("chunk_size", 0), ("remat_every", 0), ("mlp_depth", 0), ("mlp_expansion", 1.5),
     ("momentum", 1), ("dgd", "yes"),
 ])

@@ -5,7 +5,9 @@ momentum + weight decay, no DGD) at B=2, H=4, d=64, C=64, T in {2048, 8192}:
 forward and forward+backward wall time of both paths, the achieved GFLOP/s,
 and a dense 2048 x 2048 fp32 matmul measured in the same run for reference.
 Other shapes: ``--lengths``, ``--batch``, ``--heads``, ``--dim``, ``--chunk``;
-``--paths chunked`` skips the (slow) oracle; ``--trace DIR`` also records a
+``--paths chunked`` skips the (slow) oracle, ``--paths oracle,chunked,kernel``
+adds the Pallas TPU kernel path (``kernels/linear_memory.py``; Pallas interpret
+mode on the CPU, so its CPU figures say nothing about speed); ``--trace DIR`` also records a
 ``jax.profiler`` trace of the chunked forward and forward+backward at the
 first length (open it with TensorBoard's profile plugin or Perfetto).
 
@@ -53,7 +55,8 @@ from nl_jax.train.mesh import make_mesh
 
 B, H, D, C = 2, 4, 64, 64
 LENGTHS = (2048, 8192)
-PATHS = ("oracle", "chunked")
+PATHS = ("oracle", "chunked", "kernel")
+DEFAULT_PATHS = ("oracle", "chunked")
 
 
 def chunked_flops(t: int, c: int = C, d: int = D, b: int = B, h: int = H) -> float:
@@ -187,7 +190,7 @@ def measure(path: str, t: int, repeats: int, b: int = B, h: int = H, d: int = D,
     """fwd and fwd_bwd rows for one path and length."""
     fwd, fwd_bwd, args = functions(path, t, b, h, d, c, mesh)
     devices = 1 if mesh is None else mesh.size
-    flops = chunked_flops(t, c, d, b, h) if path == "chunked" else oracle_flops(t, d, b, h)
+    flops = oracle_flops(t, d, b, h) if path == "oracle" else chunked_flops(t, c, d, b, h)
     slow = path == "oracle" and t > 2048
     rows = []
     for mode, fn, scale in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.0)):
@@ -233,8 +236,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--heads", type=int, default=H)
     parser.add_argument("--dim", type=int, default=D, help="d_k = d_v per head")
     parser.add_argument("--chunk", type=int, default=C, help="chunk size C")
-    parser.add_argument("--paths", default=",".join(PATHS),
-                        help="comma-separated subset of oracle,chunked")
+    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
+                        help="comma-separated subset of oracle,chunked,kernel (default "
+                             "oracle,chunked; kernel: the Pallas TPU kernel, in interpret "
+                             "mode on the CPU)")
     parser.add_argument("--devices", type=int, default=None,
                         help="devices to shard batch and heads over (default: one per "
                              "core on the CPU, one on an accelerator)")
@@ -244,6 +249,9 @@ def main(argv: list[str]) -> int:
     paths = [p for p in args.paths.split(",") if p]
     if not paths or set(paths) - set(PATHS):
         parser.error(f"--paths {args.paths!r}: choose from {','.join(PATHS)}")
+    if "kernel" in paths and jax.default_backend() not in ("cpu", "tpu"):
+        parser.error(f"--paths kernel: the memory kernel is a Mosaic TPU kernel, not for "
+                     f"{jax.default_backend()}; leave it out")
     for name in ("repeats", "batch", "heads", "dim", "chunk"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

@@ -1,7 +1,9 @@
 """In-context associative memories (token-clock levels): Titans / DGD rules.
 
-Two execution paths with the same semantics (``MemorySpec.path``): the oracle
-per-token scan and the chunked dual form; ``apply_memory_optax`` trains the
+Three execution paths with the same semantics (``MemorySpec.path``): the
+oracle per-token scan, the chunked dual form, and (linear memory) the chunked
+dual form with its chunk recurrence in a Pallas TPU kernel
+(``kernels/linear_memory.py``); ``apply_memory_optax`` trains the
 memory with any optax inner optimizer once per chunk.
 """
 

@@ -1,8 +1,9 @@
 """Public entry points of the per-token memory: init, initial state, apply.
 
 ``apply_memory`` runs the rule of ``MemorySpec`` on ``[B, T, H, d]`` inputs with
-per-token gates ``[B, T, H]`` by the path ``spec.path`` (the oracle scan or the
-chunked dual form; a kernel plugs in here later) and returns the outputs and
+per-token gates ``[B, T, H]`` by the path ``spec.path`` (the oracle scan, the
+chunked dual form, or the chunked dual form with its recurrence in the Pallas
+kernel of ``kernels/linear_memory.py``) and returns the outputs and
 the final state, which can be passed to the next segment of the sequence.
 
 Padding: T need not be a multiple of C.  The last chunk is padded with
@@ -119,12 +120,13 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
         state = initial_state(spec, init_params, b)
     c = spec.chunk_size
     n = -(-t // c)
-    if spec.path == "chunked" and linear_chunked.supports(spec):
+    if spec.path == "kernel" or (spec.path == "chunked" and linear_chunked.supports(spec)):
         args = (to_chunk_major(q, c, 0.0), to_chunk_major(k, c, 0.0),
                 to_chunk_major(v, c, 0.0), to_chunk_major(theta, c, 0.0),
                 to_chunk_major(eta, c, 1.0), to_chunk_major(alpha, c, 0.0))
-        y, (w_end, s_end) = linear_chunked.linear_chunked(
-            spec, state.params["w0"], state.momentum["w0"], *args, t)
+        run = (linear_chunked.linear_kernel if spec.path == "kernel"
+               else linear_chunked.linear_chunked)
+        y, (w_end, s_end) = run(spec, state.params["w0"], state.momentum["w0"], *args, t)
         return from_chunk_major(y, t), MemoryState(params={"w0": w_end},
                                                    momentum={"w0": s_end})
     args = (to_chunks(q, c, 0.0), to_chunks(k, c, 0.0), to_chunks(v, c, 0.0),

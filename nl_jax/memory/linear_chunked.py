@@ -45,12 +45,16 @@ reduce-window that XLA:CPU fuses into its consumers and recomputes per element
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from nl_jax.memory.maps import clip_errors
 from nl_jax.memory.spec import MemorySpec
+from nl_jax.sharding import local_mesh_axes
 
 _HI = jax.lax.Precision.HIGHEST
 _MAX_UNROLL = 8
@@ -139,6 +143,58 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=_HI)
 
 
+def _last_index(vec, last):
+    """``[S, ..., C] -> [S, ...]``: each chunk's entry at its last real token."""
+    c = vec.shape[-1]
+    if last is None:
+        return vec[..., c - 1]
+    idx = np.asarray(last, np.int32).reshape((-1,) + (1,) * (vec.ndim - 1))
+    return jnp.take_along_axis(vec, jnp.asarray(idx), axis=-1)[..., 0]
+
+
+def _last_row(mat, last):
+    """``[S, ..., C, C] -> [S, ..., C]``: each chunk's row at its last real token."""
+    c = mat.shape[-1]
+    if last is None:
+        return mat[..., c - 1, :]
+    idx = np.asarray(last, np.int32).reshape((-1,) + (1,) * (mat.ndim - 1))
+    return jnp.take_along_axis(mat, jnp.asarray(idx), axis=-2)[..., 0, :]
+
+
+def chunk_terms(spec: MemorySpec, x: dict, last: tuple[int, ...] | None) -> dict:
+    """The state-independent quantities of S chunks (``x`` leaves ``[S, B, H, C, ...]``).
+
+    Returns ``e0`` (the errors at M = 0), the gate matrix ``gate`` G ``[S, B, H,
+    C, C]``, the per-token output coefficients ``beta`` and ``f`` (None without
+    momentum), the per-token weights of the two state updates ``w_g`` = G[end]
+    and ``w_h`` = Le[end] theta (None without momentum), and each chunk's end
+    coefficients ``end_beta``, ``end_f``, ``end_m`` ``[S, B, H]`` (module
+    docstring).  ``last``: each chunk's last real token (static), None when
+    every chunk is full.
+    """
+    eta, alpha = x["eta"], x["alpha"]
+    log_eta, log_a = log_gates(eta, alpha)
+    if not spec.weight_decay:
+        log_a = jnp.zeros_like(alpha)
+    beta = jnp.exp(prefix_sums(log_a))
+    la = gate_products(log_a)
+    terms = {"e0": (-2.0 if spec.objective == "l2" else -1.0) * x["v"], "beta": beta,
+             "end_beta": _last_index(beta, last)}
+    if spec.momentum:
+        m = jnp.exp(prefix_sums(log_eta))
+        le_theta = gate_products(log_eta) * x["theta"][..., None, :]
+        f = jnp.einsum("...ir,...r->...i", la, m, precision=_HI)
+        gate = _mm(la, le_theta)
+        terms.update(gate=gate, f=f, w_g=_last_row(gate, last),
+                     w_h=_last_row(le_theta, last), end_f=_last_index(f, last),
+                     end_m=_last_index(m, last))
+    else:
+        gate = la * x["theta"][..., None, :]
+        terms.update(gate=gate, f=None, w_g=_last_row(gate, last), w_h=None,
+                     end_f=None, end_m=None)
+    return terms
+
+
 def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] | None):
     """One block of S chunks: ``x`` leaves ``[S, B, H, C, ...]``.
 
@@ -147,39 +203,17 @@ def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] 
     chunk's last real token (static), None when every chunk is full.
     """
     q, k = x["q"], x["k"]
-    e0 = (-2.0 if spec.objective == "l2" else -1.0) * x["v"]
-    theta, eta, alpha = x["theta"], x["eta"], x["alpha"]
     c = q.shape[-2]
-
-    def at_last(vec):                  # [S, B, H, C] -> [S, B, H]
-        if last is None:
-            return vec[..., c - 1]
-        return jnp.stack([vec[s, ..., i] for s, i in enumerate(last)])
-
-    def last_row(mat):                 # [S, B, H, C, C] -> row at the last token
-        if last is None:
-            return mat[..., c - 1, :]
-        return jnp.stack([mat[s, ..., i, :] for s, i in enumerate(last)])
-
-    log_eta, log_a = log_gates(eta, alpha)
-    if not spec.weight_decay:
-        log_a = jnp.zeros_like(alpha)
-    beta = jnp.exp(prefix_sums(log_a))
-    la = gate_products(log_a)
+    terms = chunk_terms(spec, x, last)
+    e0, gate, beta, f = terms["e0"], terms["gate"], terms["beta"], terms["f"]
     k_t = jnp.swapaxes(k, -1, -2)                                  # [S, B, H, d_k, C]
     if spec.momentum:
-        m = jnp.exp(prefix_sums(log_eta))
-        le_theta = gate_products(log_eta) * theta[..., None, :]
-        f = jnp.einsum("...ir,...r->...i", la, m, precision=_HI)
-        gate = _mm(la, le_theta)
         # per-token weights of the two state updates: G[end] and Le[end] theta
-        row_weights = (last_row(gate)[..., None], last_row(le_theta)[..., None])
-        coefs = jnp.stack([at_last(beta), at_last(f), at_last(m)], axis=-1)
+        row_weights = (terms["w_g"][..., None], terms["w_h"][..., None])
+        coefs = jnp.stack([terms["end_beta"], terms["end_f"], terms["end_m"]], axis=-1)
     else:
-        f = None
-        gate = la * theta[..., None, :]
-        row_weights = (last_row(gate)[..., None],)
-        coefs = at_last(beta)[..., None]
+        row_weights = (terms["w_g"][..., None],)
+        coefs = terms["end_beta"][..., None]
     d_v = e0.shape[-1]
 
     k_sq = jnp.sum(k * k, -1) if spec.grad_clip > 0 else None   # |k_j|^2 for the clip
@@ -251,3 +285,42 @@ def linear_chunked(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, thet
     y = ys[0] if len(ys) == 1 else jnp.concatenate(ys)
     w_t, s_t = state
     return y, (jnp.swapaxes(w_t, -1, -2), jnp.swapaxes(s_t, -1, -2))
+
+
+def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta, eta,
+                  alpha, t_real: int, interpret: bool | None = None):
+    """``linear_chunked`` with the chunk recurrence in the Pallas kernel
+    (``kernels/linear_memory.py``): the state-independent terms of every chunk
+    are computed here at once (``chunk_terms``), the recurrence over chunks runs
+    in the kernel with the state resident on chip.  Same arguments and results."""
+    from kernels.linear_memory import ROW_COLUMNS, chunk_recurrence
+
+    n, _, _, c, _ = q.shape
+    if n == 0:
+        return jnp.zeros(v.shape, jnp.float32), (w0, s0)
+    coef = (2.0 if spec.objective == "l2" else 0.0) + (1.0 if spec.dgd else 0.0)
+    last = None if t_real >= n * c else tuple(min(c, t_real - i * c) - 1 for i in range(n))
+    x = {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha}
+    terms = chunk_terms(spec, x, last)
+    zeros = jnp.zeros_like(terms["beta"])
+    k_sq = jnp.sum(k * k, -1) if spec.grad_clip > 0 else zeros
+    per_token = {"beta": terms["beta"], "k_sq": k_sq, "w_g": terms["w_g"]}
+    for name in ("f", "w_h"):
+        per_token[name] = terms[name] if spec.momentum else zeros
+    for name in ("end_beta", "end_f", "end_m"):      # one scalar per chunk, in every row
+        value = terms[name] if terms[name] is not None else zeros[..., 0]
+        per_token[name] = jnp.broadcast_to(value[..., None], zeros.shape)
+    rows = jnp.stack([per_token[name] for name in ROW_COLUMNS], axis=-1)
+    run = functools.partial(chunk_recurrence, coef=coef, momentum=spec.momentum,
+                            grad_clip=spec.grad_clip, interpret=interpret)
+    # (batch, head) pairs are independent: under the trainer's sharding rules each
+    # device runs the kernel on its own rows and heads (XLA cannot split a kernel)
+    placement = local_mesh_axes(("batch", "heads"), q.shape[1:3])
+    if placement is not None:
+        mesh, (rows_axes, heads_axes) = placement
+        chunks, state = P(None, rows_axes, heads_axes), P(rows_axes, heads_axes)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(chunks,) * 5 + (state,) * 2,
+                            out_specs=(chunks, state, state), check_vma=False)
+    y, m_t, s_t = run(q, k, terms["e0"], terms["gate"], rows, jnp.swapaxes(w0, -1, -2),
+                      jnp.swapaxes(s0, -1, -2))
+    return y, (jnp.swapaxes(m_t, -1, -2), jnp.swapaxes(s_t, -1, -2))

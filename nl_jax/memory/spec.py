@@ -14,7 +14,8 @@ from nl_jax.errors import ConfigError
 
 KINDS = ("linear", "mlp")
 OBJECTIVES = ("l2", "dot", "huber")
-PATHS = ("oracle", "chunked")
+PATHS = ("oracle", "chunked", "kernel")
+KERNEL_RULES = (("linear", "l2"), ("linear", "dot"))   # kernels/linear_memory.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,10 @@ class MemorySpec:
       mlp_expansion: hidden width of the MLP memory is d_k * mlp_expansion.
       chunk_size: C; all gradients of a chunk are taken at the chunk-start state.
         C = 1 is the exact per-token recurrence.
-      path: ``"oracle"`` (per-token lax.scan) or ``"chunked"`` (dual form).
+      path: ``"oracle"`` (per-token lax.scan), ``"chunked"`` (dual form), or
+        ``"kernel"`` (the dual form with its chunk recurrence in the Pallas TPU
+        kernel ``kernels/linear_memory.py``; linear memory, l2 or dot objective;
+        Pallas interpret mode on the CPU, refused on GPUs).
       remat_every: chunks per rematerialised scan segment on the chunked path
         (the linear fast path processes chunks in blocks of this size).
       grad_clip: G > 0 bounds each token's step direction, layer by layer:
@@ -60,10 +64,11 @@ class MemorySpec:
     def __post_init__(self):
         _choice("kind", self.kind, KINDS)
         _choice("objective", self.objective, OBJECTIVES)
-        if self.path == "kernel":
-            raise ConfigError("memory path='kernel' has no kernel registered yet; "
-                              f"choose one of {list(PATHS)}")
         _choice("path", self.path, PATHS)
+        if self.path == "kernel" and (self.kind, self.objective) not in KERNEL_RULES:
+            raise ConfigError(f"memory path='kernel' implements kind='linear' with objective "
+                              f"'l2' or 'dot', not kind={self.kind!r} objective="
+                              f"{self.objective!r}; use path='chunked'")
         for name in ("momentum", "weight_decay", "dgd"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"memory {name}={getattr(self, name)!r} must be "

@@ -1,0 +1,166 @@
+"""The Pallas kernel path (``kernels/linear_memory.py``, Pallas interpret mode on the
+CPU) against its jnp reference and against the per-token oracle."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from kernels import linear_memory
+from nl_jax.errors import ConfigError
+from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+from tests.memory_helpers import perturbed, random_inputs
+from tests.test_memory_equivalence import _loss_and_grads
+
+B, T, H, D = 2, 37, 2, 8
+
+
+def _recurrence_inputs(seed, n=3, b=2, h=2, c=8, d_k=8, d_v=4):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    q = jax.random.normal(ks[0], (n, b, h, c, d_k))
+    k = jax.random.normal(ks[1], (n, b, h, c, d_k)) / np.sqrt(d_k)
+    e0 = jax.random.normal(ks[2], (n, b, h, c, d_v))
+    gate = jnp.tril(jax.random.uniform(ks[3], (n, b, h, c, c), maxval=0.1))
+    rows = jax.random.uniform(ks[4], (n, b, h, c, len(linear_memory.ROW_COLUMNS)))
+    mt0 = jax.random.normal(ks[5], (b, h, d_k, d_v))
+    st0 = jax.random.normal(ks[6], (b, h, d_k, d_v))
+    return q, k, e0, gate, rows, mt0, st0
+
+
+@pytest.mark.parametrize("momentum,grad_clip", [(True, 0.0), (False, 0.5), (True, 0.5)])
+def test_kernel_equals_reference_values_and_gradients(momentum, grad_clip):
+    """Blocking, the state carried in VMEM across chunks, its init and final write."""
+    args = _recurrence_inputs(0)
+    kw = dict(coef=3.0, momentum=momentum, grad_clip=grad_clip)
+    ref = linear_memory.reference(*args, **kw)
+    out = linear_memory.chunk_recurrence(*args, interpret=True, **kw)
+    for name, a, b in zip(("y", "mt", "st"), out, ref, strict=True):
+        assert np.abs(np.asarray(b)).max() > 0.1
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+    weights = [jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)) for x in ref]
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum(w * o) for w, o in zip(weights, fn(*a), strict=True))
+
+    grads = jax.grad(loss(lambda *a: linear_memory.chunk_recurrence(
+        *a, interpret=True, **kw)), argnums=tuple(range(7)))(*args)
+    grads_ref = jax.grad(loss(lambda *a: linear_memory.reference(*a, **kw)),
+                         argnums=tuple(range(7)))(*args)
+    for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {i}")
+
+
+def test_kernel_state_starts_from_mt0_and_is_written_after_the_last_chunk():
+    """One chunk with zero errors and no decay: the state passes through unchanged."""
+    q, k, e0, gate, rows, mt0, st0 = _recurrence_inputs(1, n=1)
+    ends = {"beta": 1.0, "end_beta": 1.0, "end_f": 0.0, "end_m": 1.0}
+    cols = [jnp.full(rows.shape[:-1], ends.get(name, 0.0))
+            for name in linear_memory.ROW_COLUMNS]
+    y, mt, st = linear_memory.chunk_recurrence(
+        q, k, jnp.zeros_like(e0), gate, jnp.stack(cols, -1), mt0, st0, coef=0.0,
+        momentum=True, interpret=True)
+    np.testing.assert_array_equal(mt, mt0)
+    np.testing.assert_array_equal(st, st0)
+    np.testing.assert_allclose(y[0], jnp.einsum("bhcd,bhde->bhce", q[0], mt0), rtol=1e-6)
+
+
+CASES = [
+    # objective, momentum, weight_decay, dgd, chunk sizes, grad_clip
+    ("l2", True, True, True, (1, 4), 0.0),
+    ("l2", True, True, False, (8,), 1.5),
+    ("dot", False, False, True, (4,), 0.0),
+    ("l2", False, True, False, (16,), 0.0),
+]
+
+
+@pytest.mark.parametrize("objective,momentum,decay,dgd,chunks,grad_clip", CASES)
+def test_kernel_path_matches_oracle(objective, momentum, decay, dgd, chunks, grad_clip):
+    """apply_memory with path='kernel' == the per-token oracle: T = 37 (last chunk
+    partial), values 1e-5, gradients w.r.t. inputs, gates and initial state 1e-4."""
+    inputs = random_inputs(0, B, T, H, D, D)
+    for chunk in chunks:
+        spec = MemorySpec(kind="linear", objective=objective, momentum=momentum,
+                          weight_decay=decay, dgd=dgd, chunk_size=chunk, path="oracle",
+                          grad_clip=grad_clip)
+        params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
+        y_o, s_o, g_o = _loss_and_grads(spec, params, inputs)
+        y_k, s_k, g_k = _loss_and_grads(dataclasses.replace(spec, path="kernel"), params,
+                                        inputs)
+        assert np.abs(np.asarray(y_o)).max() > 0.1
+        np.testing.assert_allclose(y_k, y_o, atol=1e-5, err_msg=f"y, C={chunk}")
+        for a, b in zip(jax.tree.leaves(s_k), jax.tree.leaves(s_o), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"state, C={chunk}")
+        for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_o), strict=True):
+            scale = max(1.0, float(np.abs(np.asarray(b)).max()))
+            np.testing.assert_allclose(a, b, atol=1e-4 * scale, err_msg=f"grad, C={chunk}")
+
+
+def test_kernel_path_streams_segment_by_segment():
+    """Two segments (the first a multiple of C) with the state passed on == one pass."""
+    spec = MemorySpec(kind="linear", chunk_size=4, dgd=True, path="kernel")
+    params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
+    inputs = random_inputs(3, B, 30, H, D, D)
+    y_all, s_all = apply_memory(spec, params, *inputs)
+    y_1, s_1 = apply_memory(spec, params, *(x[:, :12] for x in inputs))
+    y_2, s_2 = apply_memory(spec, params, *(x[:, 12:] for x in inputs), state=s_1)
+    np.testing.assert_allclose(jnp.concatenate([y_1, y_2], 1), y_all, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_2), jax.tree.leaves(s_all), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,objective", [("mlp", "l2"), ("linear", "huber")])
+def test_kernel_path_refuses_rules_it_does_not_implement(kind, objective):
+    with pytest.raises(ConfigError, match=r"path='kernel'.*use path='chunked'"):
+        MemorySpec(kind=kind, objective=objective, path="kernel")
+
+
+def test_kernel_rejects_misshapen_terms():
+    q, k, e0, gate, rows, mt0, st0 = _recurrence_inputs(0)
+    with pytest.raises(ValueError, match=r"rows .* must be"):
+        linear_memory.chunk_recurrence(q, k, e0, gate, rows[..., :5], mt0, st0, coef=2.0,
+                                       momentum=True, interpret=True)
+
+
+def test_kernel_path_under_sharding_rules_runs_per_shard_and_matches_one_device():
+    """With the trainer's rules active (8 CPU devices: batch over data x fsdp, heads
+    over tensor) the kernel runs inside shard_map on each device's rows and heads;
+    values and gradients equal the one-device run."""
+    from experiments import base
+    from nl_jax.sharding import use_rules
+    from nl_jax.train.mesh import make_mesh
+
+    rules = base.get_config().sharding.rules
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    spec = MemorySpec(kind="linear", chunk_size=4, dgd=True, path="kernel")
+    params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
+    inputs = random_inputs(4, 4, 21, H, D, D)
+
+    def loss(params, *x):
+        y, state = apply_memory(spec, params, *x)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(state.params["w0"] ** 2), y
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
+    (_, y_one), g_one = step(params, *inputs)
+    with use_rules(mesh, rules):
+        sharded = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
+        assert "shard_map" in str(sharded.trace(params, *inputs).jaxpr)
+        (_, y_sh), g_sh = sharded(params, *inputs)
+    np.testing.assert_allclose(y_sh, y_one, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_sh), jax.tree.leaves(g_one), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def test_local_mesh_axes_keeps_only_dividing_splits():
+    from nl_jax.sharding import local_mesh_axes, use_rules
+    from nl_jax.train.mesh import make_mesh
+
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    rules = (("batch", "data"), ("heads", "tensor"))
+    assert local_mesh_axes(("batch", "heads"), (8, 2)) is None        # no rules active
+    with use_rules(mesh, rules):
+        assert local_mesh_axes(("batch", "heads"), (8, 2))[1] == P("data", "tensor")
+        assert local_mesh_axes(("batch", "heads"), (6, 2))[1] == P(None, "tensor")
+        assert local_mesh_axes(("batch", "heads"), (6, 3)) is None    # nothing splits
