@@ -11,12 +11,13 @@ over chunks that carries the state.  This module holds the recurrence:
     S^T <- end_m S^T - K^T (w_h * E)
 
 for every chunk in order (Titans Eq. 13-14 and 16, NL Eq. 57 with DGD folded
-into ``coef``; without momentum S stays 0 and f, w_h, end_f are unused).
+into ``coef``).  Without momentum there is no S: the terms with f, w_h, end_f
+and end_m drop out and the kernel carries M alone.
 
 Layout (chunk-major, fp32): q, k ``[N, B, H, C, d_k]``; e0 ``[N, B, H, C, d_v]``;
-gate G ``[N, B, H, C, C]``; rows ``[N, B, H, C, 8]`` with the columns of
-``ROW_COLUMNS`` (the three end_* columns repeat the chunk's scalar in every
-row); mt0, st0 ``[B, H, d_k, d_v]`` (M^T, S^T at the start).
+gate G ``[N, B, H, C, C]``; rows ``[N, B, H, 8, C]``, one row per name of
+``ROWS`` (tokens on the lane axis; the three end_* rows repeat the chunk's
+scalar); mt0, st0 ``[B, H, d_k, d_v]`` (M^T, S^T at the start).
 
 Three pieces, as in recurrentgemma's kernels:
 
@@ -30,6 +31,11 @@ Three pieces, as in recurrentgemma's kernels:
   backward is a reverse ``lax.scan`` of ``chunk_step``'s VJP at those states
   (XLA; a backward kernel is future work).  On the CPU the kernel runs in
   Pallas interpret mode (tests); on a GPU it is refused (Mosaic TPU only).
+
+Memory: for the backward the kernel keeps every chunk's start state (M and S:
+2 d_k d_v floats per chunk and head), the XLA path one state per
+``remat_every`` chunks plus a recomputation; the kernel path trades that
+memory for not recomputing the recurrence.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-ROW_COLUMNS = ("beta", "f", "w_g", "w_h", "k_sq", "end_beta", "end_f", "end_m")
+ROWS = ("beta", "f", "w_g", "w_h", "k_sq", "end_beta", "end_f", "end_m")
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -50,11 +56,15 @@ def _dot(a, b, contract=((1,), (0,))):
                                preferred_element_type=jnp.float32)
 
 
-def chunk_step(q, k, e0, gate, rows, mt, st, *, coef: float, momentum: bool,
+def chunk_step(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
                grad_clip: float):
     """One chunk of one sequence: q, k ``[C, d_k]``, e0 ``[C, d_v]``, gate ``[C, C]``,
-    rows ``[C, 8]``, mt, st ``[d_k, d_v]``; returns (y ``[C, d_v]``, mt, st) after it."""
-    col = {name: rows[:, i:i + 1] for i, name in enumerate(ROW_COLUMNS)}
+    rows ``[8, C]``, states (M^T, S^T) with momentum, (M^T,) without, each
+    ``[d_k, d_v]``; returns (y ``[C, d_v]``, the states after the chunk)."""
+    cols = jnp.transpose(rows)                                   # [C, 8]: per-token columns
+    col = {name: cols[:, i:i + 1] for i, name in enumerate(ROWS)}
+    end = {name: col[name][0:1] for name in ("end_beta", "end_f", "end_m")}   # [1, 1]
+    mt = states[0]
     err = e0 + coef * _dot(k, mt) if coef else e0
     if grad_clip > 0:        # token j's direction E_j k_j^T has norm |E_j| |k_j|
         sq = jnp.sum(err * err, axis=1, keepdims=True) * col["k_sq"]
@@ -62,96 +72,97 @@ def chunk_step(q, k, e0, gate, rows, mt, st, *, coef: float, momentum: bool,
     scores = _dot(q, k, ((1,), (1,))) * gate
     y = col["beta"] * _dot(q, mt) - _dot(scores, err)
     k_t = functools.partial(_dot, k, contract=((0,), (0,)))          # K^T x
-    end = {name: col[name][0:1] for name in ("end_beta", "end_f", "end_m")}
-    if momentum:
-        y = y + col["f"] * _dot(q, st)
-        mt_new = end["end_beta"] * mt + end["end_f"] * st - k_t(col["w_g"] * err)
-        st_new = end["end_m"] * st - k_t(col["w_h"] * err)
-        return y, mt_new, st_new
-    return y, end["end_beta"] * mt - k_t(col["w_g"] * err), st
+    if not momentum:
+        return y, (end["end_beta"] * mt - k_t(col["w_g"] * err),)
+    st = states[1]
+    y = y + col["f"] * _dot(q, st)
+    mt_new = end["end_beta"] * mt + end["end_f"] * st - k_t(col["w_g"] * err)
+    st_new = end["end_m"] * st - k_t(col["w_h"] * err)
+    return y, (mt_new, st_new)
 
 
-def reference(q, k, e0, gate, rows, mt0, st0, *, coef: float, momentum: bool,
+def reference(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
               grad_clip: float):
     """The recurrence in jnp: ``lax.scan`` over chunks of ``chunk_step`` batched over
-    (B, H).  Returns (y ``[N, B, H, C, d_v]``, mt, st)."""
-    step = functools.partial(chunk_step, coef=coef, momentum=momentum, grad_clip=grad_clip)
-    batched = jax.vmap(jax.vmap(step))        # over B, then H
+    (B, H).  Returns (y ``[N, B, H, C, d_v]``, the final states)."""
+    step = jax.vmap(jax.vmap(functools.partial(chunk_step, coef=coef, momentum=momentum,
+                                               grad_clip=grad_clip)))   # over B, then H
 
     @jax.checkpoint
-    def body(state, xs):
-        y, mt, st = batched(*xs, *state)
-        return (mt, st), y
+    def body(carry, xs):
+        y, carry = step(*xs, carry)
+        return carry, y
 
-    (mt, st), y = jax.lax.scan(body, (mt0, st0), (q, k, e0, gate, rows))
-    return y, mt, st
+    final, y = jax.lax.scan(body, tuple(states), (q, k, e0, gate, rows))
+    return y, final
 
 
-def _kernel(q_ref, k_ref, e0_ref, gate_ref, rows_ref, mt0_ref, st0_ref, y_ref, mt_ref,
-            st_ref, *rest, coef, momentum, grad_clip, save_states):
-    if save_states:             # chunk-start states for the backward pass
-        mt_start_ref, st_start_ref, mt_scratch, st_scratch = rest
-    else:
-        mt_scratch, st_scratch = rest
+def _kernel(*refs, n_states, coef, momentum, grad_clip, save_states):
+    """refs: q, k, e0, gate, rows, the start states (inputs); y, the final states and,
+    with ``save_states``, each chunk's start states (outputs); the VMEM states."""
+    chunk_refs, refs = refs[:5], refs[5:]
+    init_refs, y_ref, refs = refs[:n_states], refs[n_states], refs[n_states + 1:]
+    final_refs, refs = refs[:n_states], refs[n_states:]
+    start_refs = refs[:n_states] if save_states else ()
+    scratch = refs[-n_states:]
     chunk = pl.program_id(2)
 
     @pl.when(chunk == 0)
     def _():
-        mt_scratch[...] = mt0_ref[...]
-        st_scratch[...] = st0_ref[...]
+        for vmem, init in zip(scratch, init_refs, strict=True):
+            vmem[...] = init[...]
 
-    mt0, st0 = mt_scratch[...], st_scratch[...]
-    if save_states:
-        mt_start_ref[...] = mt0
-        st_start_ref[...] = st0
-    y, mt, st = chunk_step(q_ref[...], k_ref[...], e0_ref[...], gate_ref[...],
-                           rows_ref[...], mt0, st0,
-                           coef=coef, momentum=momentum, grad_clip=grad_clip)
+    states = tuple(vmem[...] for vmem in scratch)
+    for out, value in zip(start_refs, states if save_states else (), strict=True):
+        out[...] = value
+    y, states = chunk_step(*(r[...] for r in chunk_refs), states, coef=coef,
+                           momentum=momentum, grad_clip=grad_clip)
     y_ref[...] = y
-    mt_scratch[...] = mt
-    st_scratch[...] = st
+    for vmem, value in zip(scratch, states, strict=True):
+        vmem[...] = value
 
     @pl.when(chunk == pl.num_programs(2) - 1)
     def _():
-        mt_ref[...] = mt
-        st_ref[...] = st
+        for out, value in zip(final_refs, states, strict=True):
+            out[...] = value
 
 
-def pallas_recurrence(q, k, e0, gate, rows, mt0, st0, *, coef: float, momentum: bool,
+def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
                       grad_clip: float, interpret: bool = False, save_states: bool = False):
-    """The recurrence as one ``pallas_call``: (y, mt, st), and with ``save_states``
-    also every chunk's start state (M^T, S^T) ``[N, B, H, d_k, d_v]`` each."""
+    """The recurrence as one ``pallas_call``: (y, final states), and with
+    ``save_states`` also each chunk's start states ``[N, B, H, d_k, d_v]``."""
     n, b, h, c, d_k = q.shape
     d_v = e0.shape[-1]
+    n_states = len(states)
 
     def per_chunk(*shape):
         return pl.BlockSpec((None, None, None) + shape,
                             lambda bi, hi, ni: (ni, bi, hi) + (0,) * len(shape))
 
     state = pl.BlockSpec((None, None, d_k, d_v), lambda bi, hi, ni: (bi, hi, 0, 0))
-    state_shape = jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)
-    out_specs = [per_chunk(c, d_v), state, state]
-    out_shape = [jax.ShapeDtypeStruct((n, b, h, c, d_v), jnp.float32), state_shape,
-                 state_shape]
+    out_specs = [per_chunk(c, d_v)] + [state] * n_states
+    out_shape = ([jax.ShapeDtypeStruct((n, b, h, c, d_v), jnp.float32)]
+                 + [jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)] * n_states)
     if save_states:
-        out_specs += [per_chunk(d_k, d_v)] * 2
-        out_shape += [jax.ShapeDtypeStruct((n, b, h, d_k, d_v), jnp.float32)] * 2
-    kernel = functools.partial(_kernel, coef=coef, momentum=momentum, grad_clip=grad_clip,
-                               save_states=save_states)
-    return pl.pallas_call(
+        out_specs += [per_chunk(d_k, d_v)] * n_states
+        out_shape += [jax.ShapeDtypeStruct((n, b, h, d_k, d_v), jnp.float32)] * n_states
+    kernel = functools.partial(_kernel, n_states=n_states, coef=coef, momentum=momentum,
+                               grad_clip=grad_clip, save_states=save_states)
+    out = pl.pallas_call(
         kernel,
         grid=(b, h, n),
         in_specs=[per_chunk(c, d_k), per_chunk(c, d_k), per_chunk(c, d_v), per_chunk(c, c),
-                  per_chunk(c, len(ROW_COLUMNS)), state, state],
+                  per_chunk(len(ROWS), c)] + [state] * n_states,
         out_specs=out_specs,
         out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((d_k, d_v), jnp.float32),
-                        pltpu.VMEM((d_k, d_v), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((d_k, d_v), jnp.float32)] * n_states,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="linear_memory_chunks",
-    )(q, k, e0, gate, rows, mt0, st0)
+    )(q, k, e0, gate, rows, *states)
+    y, final, starts = out[0], tuple(out[1:1 + n_states]), tuple(out[1 + n_states:])
+    return (y, final, starts) if save_states else (y, final)
 
 
 def _for_platform(args, interpret: bool | None, **kwargs):
@@ -160,64 +171,73 @@ def _for_platform(args, interpret: bool | None, **kwargs):
     lowering, so an ahead-of-time compile for a TPU topology from a CPU host gets
     the kernel)."""
     if interpret is not None:
-        return tuple(pallas_recurrence(*args, interpret=interpret, **kwargs))
-    return tuple(jax.lax.platform_dependent(
+        return pallas_recurrence(*args, interpret=interpret, **kwargs)
+    return jax.lax.platform_dependent(
         *args, cpu=functools.partial(pallas_recurrence, interpret=True, **kwargs),
-        tpu=functools.partial(pallas_recurrence, interpret=False, **kwargs)))
+        tpu=functools.partial(pallas_recurrence, interpret=False, **kwargs))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _recurrence(q, k, e0, gate, rows, mt0, st0, coef, momentum, grad_clip, interpret):
-    return _for_platform((q, k, e0, gate, rows, mt0, st0), interpret, coef=coef,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _recurrence(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret):
+    return _for_platform((q, k, e0, gate, rows, states), interpret, coef=coef,
                          momentum=momentum, grad_clip=grad_clip)
 
 
-def _recurrence_fwd(q, k, e0, gate, rows, mt0, st0, coef, momentum, grad_clip, interpret):
-    y, mt, st, mt_starts, st_starts = _for_platform(
-        (q, k, e0, gate, rows, mt0, st0), interpret, coef=coef, momentum=momentum,
-        grad_clip=grad_clip, save_states=True)
-    return (y, mt, st), (q, k, e0, gate, rows, mt_starts, st_starts)
+def _recurrence_fwd(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret):
+    y, final, starts = _for_platform((q, k, e0, gate, rows, states), interpret, coef=coef,
+                                     momentum=momentum, grad_clip=grad_clip,
+                                     save_states=True)
+    return (y, final), (q, k, e0, gate, rows, starts)
 
 
 def _recurrence_bwd(coef, momentum, grad_clip, interpret, residuals, cotangents):
     """A reverse scan over chunks of the VJP of ``chunk_step`` at the saved
-    chunk-start states: no forward recurrence is recomputed, and memory stays
-    one state per chunk."""
+    chunk-start states: no forward recurrence is recomputed."""
     del interpret
     step = jax.vmap(jax.vmap(functools.partial(
         chunk_step, coef=coef, momentum=momentum, grad_clip=grad_clip)))
-    ct_y, ct_mt, ct_st = cotangents
+    ct_y, ct_final = cotangents
 
-    def body(carry, xs):
+    def body(ct_states, xs):
         *chunk_inputs, ct_y_n = xs
         _, vjp = jax.vjp(step, *chunk_inputs)
-        grads = vjp((ct_y_n, *carry))
-        return grads[5:], grads[:5]
+        *ct_chunk, ct_states = vjp((ct_y_n, ct_states))
+        return ct_states, tuple(ct_chunk)
 
-    (ct_mt0, ct_st0), grads = jax.lax.scan(body, (ct_mt, ct_st), (*residuals, ct_y),
-                                           reverse=True)
-    return (*grads, ct_mt0, ct_st0)
+    ct_states, ct_chunks = jax.lax.scan(body, ct_final, (*residuals, ct_y), reverse=True)
+    return (*ct_chunks, ct_states)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def chunk_recurrence(q, k, e0, gate, rows, mt0, st0, *, coef: float, momentum: bool,
+def chunk_recurrence(q, k, e0, gate, rows, mt0, st0=None, *, coef: float, momentum: bool,
                      grad_clip: float = 0.0, interpret: bool | None = None):
     """Dispatch: the Pallas kernel forward, ``chunk_step``'s VJP chunk by chunk backward.
 
-    ``interpret``: None picks, by the platform the program is compiled for,
-    Pallas interpret mode on the CPU (for tests; slow) and the Mosaic kernel on
-    a TPU.  Raises ValueError when the default backend is a GPU.  Returns (y,
-    mt, st) as ``reference``.
+    ``st0`` is required with ``momentum`` and ignored without (then returned as
+    is).  ``interpret``: None picks, by the platform the program is compiled
+    for, Pallas interpret mode on the CPU (for tests; slow) and the Mosaic
+    kernel on a TPU.  Raises ValueError when the default backend is a GPU, and
+    for shapes or dtypes other than the module docstring's.  Returns (y, mt, st).
     """
     backend = jax.default_backend()
     if interpret is None and backend not in ("cpu", "tpu"):
         raise ValueError(f"the linear memory kernel is a Mosaic TPU kernel; on {backend} "
                          "use memory path='chunked'")
-    if q.shape[:4] != gate.shape[:4] or rows.shape[-1] != len(ROW_COLUMNS):
+    n, b, h, c, _ = q.shape
+    if gate.shape != (n, b, h, c, c) or rows.shape != (n, b, h, len(ROWS), c):
         raise ValueError(f"chunk_recurrence: gate {gate.shape} and rows {rows.shape} must be "
-                         f"[N, B, H, C, C] and [N, B, H, C, {len(ROW_COLUMNS)}] for q "
-                         f"{q.shape}")
-    return _recurrence(q, k, e0, gate, rows, mt0, st0, float(coef), bool(momentum),
-                       float(grad_clip), None if interpret is None else bool(interpret))
+                         f"{(n, b, h, c, c)} and {(n, b, h, len(ROWS), c)} for q {q.shape}")
+    if momentum and st0 is None:
+        raise ValueError("chunk_recurrence: momentum=True needs st0")
+    states = (mt0, st0) if momentum else (mt0,)
+    arrays = {"q": q, "k": k, "e0": e0, "gate": gate, "rows": rows, "mt0": mt0, "st0": st0}
+    wrong = {name: str(x.dtype) for name, x in arrays.items()
+             if x is not None and x.dtype != jnp.float32 and (name != "st0" or momentum)}
+    if wrong:
+        raise ValueError(f"chunk_recurrence takes float32 arrays, got {wrong}; cast them "
+                         "first (the state and its updates are fp32)")
+    y, final = _recurrence(q, k, e0, gate, rows, states, float(coef), bool(momentum),
+                           float(grad_clip), None if interpret is None else bool(interpret))
+    return y, final[0], (final[1] if momentum else st0)

@@ -78,18 +78,21 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 def local_mesh_axes(axes: Sequence[str | None], shape: Sequence[int]
                     ) -> tuple[jax.sharding.Mesh, P] | None:
     """(mesh, spec) to run per-shard code (``jax.shard_map``) over dimensions named
-    ``axes``: the rules' spec, keeping a dimension's mesh axes only where their
-    product divides its size.  None without rules (``use_rules``) or when nothing
-    would be split."""
+    ``axes``: the rules' spec, each dimension keeping the longest prefix of its
+    mesh axes whose product divides its size (the rest replicated).  None without
+    rules (``use_rules``) or on a one-device mesh."""
     ctx = _CONTEXT.get()
-    if ctx is None:
+    if ctx is None or ctx[0].size == 1:
         return None
     mesh, rules = ctx
-    spec, split = [], 1
+    spec = []
     for target, size in zip(logical_to_mesh_spec(axes, rules, mesh.axis_names), shape,
                             strict=True):
         names = () if target is None else (target,) if isinstance(target, str) else target
-        ways = math.prod(mesh.shape[name] for name in names)
-        spec.append(target if names and size % ways == 0 else None)
-        split *= ways if spec[-1] is not None else 1
-    return (mesh, P(*spec)) if split > 1 else None
+        kept: tuple[str, ...] = ()
+        for name in names:
+            if size % (math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]):
+                break
+            kept += (name,)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return mesh, P(*spec)

@@ -4,6 +4,7 @@ and against this machine's own devices (``--topology local``)."""
 import importlib.util
 
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from experiments import base
 
@@ -68,34 +69,44 @@ def test_memory_kernel_compiles_for_tpu_with_mosaic():
 
 
 @needs_libtpu
-def test_memory_kernel_runs_per_shard_on_a_tpu_mesh():
-    """Under the trainer's sharding rules (batch over data, heads over tensor on 4
-    v5p chips) the kernel runs on each chip's own rows and heads: the compiled
-    forward moves no activations between chips."""
+@pytest.mark.parametrize("mesh_shape,batch", [
+    ({"data": 2, "fsdp": 1, "tensor": 2}, 4),   # rows over data, heads over tensor
+    ({"data": 2, "fsdp": 2, "tensor": 1}, 2),   # rows over data only (fsdp does not divide)
+    ({"data": 2, "fsdp": 2, "tensor": 1}, 1),   # nothing divides: replicated, still per shard
+])
+def test_memory_kernel_runs_per_shard_on_a_tpu_mesh(mesh_shape, batch):
+    """Under the trainer's sharding rules on 4 v5p chips the kernel runs inside
+    shard_map (Mosaic calls cannot be partitioned by XLA): the compiled forward
+    moves no activations between chips, and forward+backward compiles."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from nl_jax.memory import MemorySpec, apply_memory
-    from nl_jax.sharding import use_rules
+    from nl_jax.sharding import local_mesh_axes, use_rules
     from nl_jax.train.aot import topology_devices
     from nl_jax.train.mesh import make_mesh
 
-    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, topology_devices("v5p:2x2x1"))
-    b, t, h, d = 4, 512, 4, 64
+    mesh = make_mesh(mesh_shape, topology_devices("v5p:2x2x1"))
+    t, h, d = 512, 4, 64
+    rules = base.get_config().sharding.rules
+    with use_rules(mesh, rules):
+        rows, heads = local_mesh_axes(("batch", "heads"), (batch, h))[1]
 
-    def shaped(spec, *shape):
-        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+    def shaped(*shape, spec=(rows, None, heads)):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(*spec)))
 
-    act, gate = P("data", None, "tensor"), P("data", None, "tensor")
-    args = [{"w0": shaped(P("tensor"), h, d, d)}, shaped(act, b, t, h, d),
-            shaped(act, b, t, h, d), shaped(act, b, t, h, d), shaped(gate, b, t, h),
-            shaped(gate, b, t, h), shaped(gate, b, t, h)]
+    args = [{"w0": shaped(h, d, d, spec=(heads,))}, shaped(batch, t, h, d),
+            shaped(batch, t, h, d), shaped(batch, t, h, d), shaped(batch, t, h),
+            shaped(batch, t, h), shaped(batch, t, h)]
     spec = MemorySpec(path="kernel")
-    with use_rules(mesh, base.get_config().sharding.rules):
-        lowered = jax.jit(lambda *a: apply_memory(spec, *a)[0]).lower(*args)
-    assert "tpu_custom_call" in lowered.as_text()
-    text = lowered.compile().as_text()
+    with use_rules(mesh, rules):
+        forward = jax.jit(lambda *a: apply_memory(spec, *a)[0]).lower(*args)
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(apply_memory(spec, *a)[0] ** 2),
+                                 argnums=tuple(range(7)))).lower(*args)
+    assert "tpu_custom_call" in forward.as_text()
+    text = forward.compile().as_text()
     assert "linear_memory_chunks" in text
-    assert "all-gather" not in text and "all-to-all" not in text
+    for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
+        assert collective not in text, collective
+    assert "linear_memory_chunks" in grads.compile().as_text()

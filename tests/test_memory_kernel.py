@@ -24,7 +24,7 @@ def _recurrence_inputs(seed, n=3, b=2, h=2, c=8, d_k=8, d_v=4):
     k = jax.random.normal(ks[1], (n, b, h, c, d_k)) / np.sqrt(d_k)
     e0 = jax.random.normal(ks[2], (n, b, h, c, d_v))
     gate = jnp.tril(jax.random.uniform(ks[3], (n, b, h, c, c), maxval=0.1))
-    rows = jax.random.uniform(ks[4], (n, b, h, c, len(linear_memory.ROW_COLUMNS)))
+    rows = jax.random.uniform(ks[4], (n, b, h, len(linear_memory.ROWS), c))
     mt0 = jax.random.normal(ks[5], (b, h, d_k, d_v))
     st0 = jax.random.normal(ks[6], (b, h, d_k, d_v))
     return q, k, e0, gate, rows, mt0, st0
@@ -32,23 +32,37 @@ def _recurrence_inputs(seed, n=3, b=2, h=2, c=8, d_k=8, d_v=4):
 
 @pytest.mark.parametrize("momentum,grad_clip", [(True, 0.0), (False, 0.5), (True, 0.5)])
 def test_kernel_equals_reference_values_and_gradients(momentum, grad_clip):
-    """Blocking, the state carried in VMEM across chunks, its init and final write."""
-    args = _recurrence_inputs(0)
+    """The Pallas plumbing: blocking, the state carried in VMEM across chunks, its
+    init and final write, the saved chunk-start states and the backward scan.
+    (Kernel and reference share ``chunk_step``; the oracle tests below check
+    the maths.)"""
+    *chunks, mt0, st0 = _recurrence_inputs(0)
+    states = (mt0, st0) if momentum else (mt0,)
     kw = dict(coef=3.0, momentum=momentum, grad_clip=grad_clip)
-    ref = linear_memory.reference(*args, **kw)
-    out = linear_memory.chunk_recurrence(*args, interpret=True, **kw)
-    for name, a, b in zip(("y", "mt", "st"), out, ref, strict=True):
+
+    def kernel(*a):
+        y, mt, st = linear_memory.chunk_recurrence(*a, interpret=True, **kw)
+        return (y, mt, st) if momentum else (y, mt)
+
+    def reference(*a):
+        y, final = linear_memory.reference(*a[:5], a[5:], **kw)
+        return (y, *final)
+
+    args = (*chunks, *states)
+    out, ref = kernel(*args), reference(*args)
+    for a, b in zip(out, ref, strict=True):
         assert np.abs(np.asarray(b)).max() > 0.1
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    if not momentum:        # no S in the kernel: st0 comes back untouched
+        assert linear_memory.chunk_recurrence(*args, st0, interpret=True, **kw)[2] is st0
     weights = [jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)) for x in ref]
 
     def loss(fn):
         return lambda *a: sum(jnp.sum(w * o) for w, o in zip(weights, fn(*a), strict=True))
 
-    grads = jax.grad(loss(lambda *a: linear_memory.chunk_recurrence(
-        *a, interpret=True, **kw)), argnums=tuple(range(7)))(*args)
-    grads_ref = jax.grad(loss(lambda *a: linear_memory.reference(*a, **kw)),
-                         argnums=tuple(range(7)))(*args)
+    argnums = tuple(range(len(args)))
+    grads = jax.grad(loss(kernel), argnums=argnums)(*args)
+    grads_ref = jax.grad(loss(reference), argnums=argnums)(*args)
     for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {i}")
 
@@ -57,11 +71,11 @@ def test_kernel_state_starts_from_mt0_and_is_written_after_the_last_chunk():
     """One chunk with zero errors and no decay: the state passes through unchanged."""
     q, k, e0, gate, rows, mt0, st0 = _recurrence_inputs(1, n=1)
     ends = {"beta": 1.0, "end_beta": 1.0, "end_f": 0.0, "end_m": 1.0}
-    cols = [jnp.full(rows.shape[:-1], ends.get(name, 0.0))
-            for name in linear_memory.ROW_COLUMNS]
+    rows = jnp.stack([jnp.full(q.shape[:-1], ends.get(name, 0.0))
+                      for name in linear_memory.ROWS], axis=-2)
     y, mt, st = linear_memory.chunk_recurrence(
-        q, k, jnp.zeros_like(e0), gate, jnp.stack(cols, -1), mt0, st0, coef=0.0,
-        momentum=True, interpret=True)
+        q, k, jnp.zeros_like(e0), gate, rows, mt0, st0, coef=0.0, momentum=True,
+        interpret=True)
     np.testing.assert_array_equal(mt, mt0)
     np.testing.assert_array_equal(st, st0)
     np.testing.assert_allclose(y[0], jnp.einsum("bhcd,bhde->bhce", q[0], mt0), rtol=1e-6)
@@ -117,50 +131,62 @@ def test_kernel_path_refuses_rules_it_does_not_implement(kind, objective):
         MemorySpec(kind=kind, objective=objective, path="kernel")
 
 
-def test_kernel_rejects_misshapen_terms():
+def test_kernel_rejects_misshapen_or_non_fp32_terms():
     q, k, e0, gate, rows, mt0, st0 = _recurrence_inputs(0)
+    kw = dict(coef=2.0, momentum=True, interpret=True)
     with pytest.raises(ValueError, match=r"rows .* must be"):
-        linear_memory.chunk_recurrence(q, k, e0, gate, rows[..., :5], mt0, st0, coef=2.0,
-                                       momentum=True, interpret=True)
+        linear_memory.chunk_recurrence(q, k, e0, gate, rows[..., :5, :], mt0, st0, **kw)
+    with pytest.raises(ValueError, match=r"float32 .*'q': 'bfloat16'"):
+        linear_memory.chunk_recurrence(q.astype(jnp.bfloat16), k, e0, gate, rows, mt0, st0,
+                                       **kw)
+    with pytest.raises(ValueError, match="needs st0"):
+        linear_memory.chunk_recurrence(q, k, e0, gate, rows, mt0, **kw)
 
 
 def test_kernel_path_under_sharding_rules_runs_per_shard_and_matches_one_device():
     """With the trainer's rules active (8 CPU devices: batch over data x fsdp, heads
     over tensor) the kernel runs inside shard_map on each device's rows and heads;
-    values and gradients equal the one-device run."""
+    values and gradients equal the one-device run.  Batches of 4 (split over data
+    x fsdp) and 2 (over data only) and momentum on and off."""
     from experiments import base
     from nl_jax.sharding import use_rules
     from nl_jax.train.mesh import make_mesh
 
     rules = base.get_config().sharding.rules
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    spec = MemorySpec(kind="linear", chunk_size=4, dgd=True, path="kernel")
-    params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
-    inputs = random_inputs(4, 4, 21, H, D, D)
+    for batch, momentum in ((4, True), (2, False)):
+        spec = MemorySpec(kind="linear", chunk_size=4, dgd=True, path="kernel",
+                          momentum=momentum)
+        params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
+        inputs = random_inputs(4, batch, 21, H, D, D)
 
-    def loss(params, *x):
-        y, state = apply_memory(spec, params, *x)
-        return jnp.sum(jnp.sin(y)) + jnp.sum(state.params["w0"] ** 2), y
+        def loss(params, *x, spec=spec):
+            y, state = apply_memory(spec, params, *x)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(state.params["w0"] ** 2), y
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
-    (_, y_one), g_one = step(params, *inputs)
-    with use_rules(mesh, rules):
-        sharded = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
-        assert "shard_map" in str(sharded.trace(params, *inputs).jaxpr)
-        (_, y_sh), g_sh = sharded(params, *inputs)
-    np.testing.assert_allclose(y_sh, y_one, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_sh), jax.tree.leaves(g_one), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+        def grad(loss=loss):      # a new function for each jit: rules are not a cache key
+            return jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)
+
+        (_, y_one), g_one = jax.jit(grad())(params, *inputs)
+        with use_rules(mesh, rules):
+            sharded = jax.jit(grad())
+            assert "shard_map" in str(sharded.trace(params, *inputs).jaxpr)
+            (_, y_sh), g_sh = sharded(params, *inputs)
+        np.testing.assert_allclose(y_sh, y_one, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_sh), jax.tree.leaves(g_one), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
 def test_local_mesh_axes_keeps_only_dividing_splits():
     from nl_jax.sharding import local_mesh_axes, use_rules
     from nl_jax.train.mesh import make_mesh
 
-    mesh = make_mesh({"data": 4, "tensor": 2})
-    rules = (("batch", "data"), ("heads", "tensor"))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = (("batch", ("data", "fsdp")), ("heads", "tensor"))
     assert local_mesh_axes(("batch", "heads"), (8, 2)) is None        # no rules active
     with use_rules(mesh, rules):
-        assert local_mesh_axes(("batch", "heads"), (8, 2))[1] == P("data", "tensor")
-        assert local_mesh_axes(("batch", "heads"), (6, 2))[1] == P(None, "tensor")
-        assert local_mesh_axes(("batch", "heads"), (6, 3)) is None    # nothing splits
+        assert local_mesh_axes(("batch", "heads"), (8, 2))[1] == P(("data", "fsdp"), "tensor")
+        assert local_mesh_axes(("batch", "heads"), (6, 2))[1] == P("data", "tensor")
+        assert local_mesh_axes(("batch", "heads"), (1, 3))[1] == P(None, None)  # replicated
+    with use_rules(make_mesh({"data": 1}, jax.devices()[:1]), rules):
+        assert local_mesh_axes(("batch", "heads"), (8, 2)) is None    # one device

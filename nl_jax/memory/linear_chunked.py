@@ -45,8 +45,6 @@ reduce-window that XLA:CPU fuses into its consumers and recomputes per element
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -293,7 +291,7 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     (``kernels/linear_memory.py``): the state-independent terms of every chunk
     are computed here at once (``chunk_terms``), the recurrence over chunks runs
     in the kernel with the state resident on chip.  Same arguments and results."""
-    from kernels.linear_memory import ROW_COLUMNS, chunk_recurrence
+    from kernels.linear_memory import ROWS, chunk_recurrence
 
     n, _, _, c, _ = q.shape
     if n == 0:
@@ -303,24 +301,26 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     x = {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha}
     terms = chunk_terms(spec, x, last)
     zeros = jnp.zeros_like(terms["beta"])
-    k_sq = jnp.sum(k * k, -1) if spec.grad_clip > 0 else zeros
-    per_token = {"beta": terms["beta"], "k_sq": k_sq, "w_g": terms["w_g"]}
-    for name in ("f", "w_h"):
-        per_token[name] = terms[name] if spec.momentum else zeros
-    for name in ("end_beta", "end_f", "end_m"):      # one scalar per chunk, in every row
-        value = terms[name] if terms[name] is not None else zeros[..., 0]
-        per_token[name] = jnp.broadcast_to(value[..., None], zeros.shape)
-    rows = jnp.stack([per_token[name] for name in ROW_COLUMNS], axis=-1)
-    run = functools.partial(chunk_recurrence, coef=coef, momentum=spec.momentum,
-                            grad_clip=spec.grad_clip, interpret=interpret)
-    # (batch, head) pairs are independent: under the trainer's sharding rules each
-    # device runs the kernel on its own rows and heads (XLA cannot split a kernel)
+    per_token = dict(terms, k_sq=jnp.sum(k * k, -1) if spec.grad_clip > 0 else zeros)
+    for name in ("end_beta", "end_f", "end_m"):      # one scalar per chunk, in every lane
+        if per_token[name] is not None:
+            per_token[name] = jnp.broadcast_to(per_token[name][..., None], zeros.shape)
+    rows = jnp.stack([zeros if per_token[name] is None else per_token[name]
+                      for name in ROWS], axis=-2)                     # [N, B, H, 8, C]
+    states = (jnp.swapaxes(w0, -1, -2), jnp.swapaxes(s0, -1, -2))[:2 if spec.momentum else 1]
+    def run(*arrays):          # -> y and the final states
+        out = chunk_recurrence(*arrays, coef=coef, momentum=spec.momentum,
+                               grad_clip=spec.grad_clip, interpret=interpret)
+        return out[:1 + len(states)]
+
+    # (batch, head) pairs are independent: on a mesh each device runs the kernel on
+    # its own rows and heads (XLA cannot partition a Mosaic call)
     placement = local_mesh_axes(("batch", "heads"), q.shape[1:3])
     if placement is not None:
         mesh, (rows_axes, heads_axes) = placement
         chunks, state = P(None, rows_axes, heads_axes), P(rows_axes, heads_axes)
-        run = jax.shard_map(run, mesh=mesh, in_specs=(chunks,) * 5 + (state,) * 2,
-                            out_specs=(chunks, state, state), check_vma=False)
-    y, m_t, s_t = run(q, k, terms["e0"], terms["gate"], rows, jnp.swapaxes(w0, -1, -2),
-                      jnp.swapaxes(s0, -1, -2))
-    return y, (jnp.swapaxes(m_t, -1, -2), jnp.swapaxes(s_t, -1, -2))
+        run = jax.shard_map(run, mesh=mesh, in_specs=(chunks,) * 5 + (state,) * len(states),
+                            out_specs=(chunks,) + (state,) * len(states), check_vma=False)
+    y, m_t, *s_t = run(q, k, terms["e0"], terms["gate"], rows, *states)
+    s_end = jnp.swapaxes(s_t[0], -1, -2) if spec.momentum else s0
+    return y, (jnp.swapaxes(m_t, -1, -2), s_end)
