@@ -121,3 +121,59 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
     assert result == {"diverged": True, "step": 4}  # first check after the NaN (step 3)
     assert "non-finite at step 4" in err and "Last checkpoint: step 2" in err
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_ctrl_c_during_the_final_save_names_the_last_complete_checkpoint(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Ctrl-C while the end-of-run checkpoint is written: no traceback, a message
+    naming the last complete checkpoint (still on disk and restorable)."""
+    from nl_jax.train import checkpoint, loop
+
+    real = checkpoint.Checkpointer.save
+
+    def interrupted_final_save(self, step, state, data_state, force=False):
+        if force:
+            raise KeyboardInterrupt
+        return real(self, step, state, data_state, force)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", interrupted_final_save)
+    c = tiny_config(tmp_path, 3)
+    c.train.checkpoint_every = 2
+    workdir = str(tmp_path / "ctrl_c")
+    result = loop.train(c, workdir, devices=jax.devices()[:1])
+    err = capsys.readouterr().err
+    assert result["interrupted"] and result["step"] == 3 and result["signal"] == 2
+    assert "step 3 was not saved; last complete checkpoint: step 2" in err
+    monkeypatch.undo()
+    c.train.steps = 2
+    assert restored(c, workdir).checkpointer.finished_steps() == [2]
+
+
+def test_ctrl_c_while_waiting_for_the_final_save_lets_it_finish(tmp_path, capsys,
+                                                                monkeypatch):
+    """Ctrl-C after the final save was dispatched (while waiting for it): the write
+    under way finishes and the message says that checkpoint is complete."""
+    from nl_jax.train import checkpoint, loop
+
+    def interrupted_close(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "close", interrupted_close)
+    workdir = str(tmp_path / "ctrl_c_wait")
+    result = loop.train(tiny_config(tmp_path, 2), workdir, devices=jax.devices()[:1])
+    assert result["interrupted"] and result["step"] == 2
+    assert "the checkpoint of step 2 is complete" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert restored(tiny_config(tmp_path, 2), workdir).checkpointer.finished_steps() == [2]
+
+
+def test_ctrl_c_outside_the_training_loop_exits_130_without_traceback(capsys, monkeypatch):
+    from nl_jax import __main__ as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", interrupted)
+    assert main(["eval"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: eval stopped" in err and "Traceback" not in err

@@ -59,6 +59,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def finished_steps(self) -> list[int]:
+        """Steps whose checkpoint is complete on disk (orbax writes into a temporary
+        folder and renames it to the step number when finished)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
+
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         if self.manager.latest_step() == step:
             return False

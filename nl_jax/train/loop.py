@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -238,9 +239,22 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         say(f"interrupted twice: exiting without saving; last checkpoint: "
             f"{'step ' + str(good) if good is not None else 'none'}", file=sys.stderr)
         return {"interrupted": True, "step": step, "signal": interrupted["signal"]}
-    trainer.save(force=True)
-    trainer.checkpointer.close()
     step = int(trainer.state["step"])
+    try:
+        trainer.save(force=True)
+        trainer.checkpointer.close()
+    except KeyboardInterrupt:   # Ctrl-C while the final checkpoint is written
+        say("interrupted during the final save: finishing the checkpoint writes "
+            "already under way (Ctrl-C again to skip)", file=sys.stderr)
+        with contextlib.suppress(KeyboardInterrupt):
+            trainer.checkpointer.wait()
+        done = trainer.checkpointer.finished_steps()
+        saved = (f"the checkpoint of step {step} is complete" if step in done else
+                 f"step {step} was not saved; last complete checkpoint: "
+                 f"{'step ' + str(max(done)) if done else 'none'}")
+        say(f"interrupted at the end of the run: {saved}", file=sys.stderr)
+        trainer.writer.close()
+        return {"interrupted": True, "step": step, "signal": signal.SIGINT}
     if interrupted["stop"]:
         signum = interrupted["agreed"] or interrupted["signal"]
         say(f"interrupted ({signal.Signals(signum).name}): checkpoint saved at step {step} "
