@@ -308,6 +308,7 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     rows = jnp.stack([zeros if per_token[name] is None else per_token[name]
                       for name in ROWS], axis=-2)                     # [N, B, H, 8, C]
     states = (jnp.swapaxes(w0, -1, -2), jnp.swapaxes(s0, -1, -2))[:2 if spec.momentum else 1]
+
     def run(*arrays):          # -> y and the final states
         out = chunk_recurrence(*arrays, coef=coef, momentum=spec.momentum,
                                grad_clip=spec.grad_clip, interpret=interpret)
