@@ -190,3 +190,12 @@ def test_local_mesh_axes_keeps_only_dividing_splits():
         assert local_mesh_axes(("batch", "heads"), (1, 3))[1] == P(None, None)  # replicated
     with use_rules(make_mesh({"data": 1}, jax.devices()[:1]), rules):
         assert local_mesh_axes(("batch", "heads"), (8, 2)) is None    # one device
+
+
+def test_kernel_path_on_a_gpu_is_a_config_error(monkeypatch):
+    """The CLI turns ConfigError into exit 2 with this one line (no traceback)."""
+    spec = MemorySpec(kind="linear", chunk_size=4, path="kernel")
+    params = init_memory_params(spec, jax.random.PRNGKey(1), H, D, D)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match=r"path='kernel' .* on gpu; use path='chunked'"):
+        apply_memory(spec, params, *random_inputs(0, B, 8, H, D, D))

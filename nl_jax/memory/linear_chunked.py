@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from nl_jax.errors import ConfigError
 from nl_jax.memory.maps import clip_errors
 from nl_jax.memory.spec import MemorySpec
 from nl_jax.sharding import local_mesh_axes
@@ -293,6 +294,11 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     in the kernel with the state resident on chip.  Same arguments and results."""
     from kernels.linear_memory import ROWS, chunk_recurrence
 
+    backend = jax.default_backend()
+    if interpret is None and backend not in ("cpu", "tpu"):
+        raise ConfigError(f"memory path='kernel' is a Mosaic TPU kernel and cannot run on "
+                          f"{backend}; use path='chunked' (e.g. "
+                          f"--config.model.memory.path=chunked)")
     n, _, _, c, _ = q.shape
     if n == 0:
         return jnp.zeros(v.shape, jnp.float32), (w0, s0)
