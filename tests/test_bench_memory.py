@@ -13,6 +13,7 @@ from nl_jax.bench import memory as bench
 @pytest.mark.parametrize("c, d", [(64, 64), (16, 32), (32, 8)])
 def test_chunked_flops_counts_the_matmuls_of_the_blocked_path(c, d):
     # (m, k, n) of each product per chunk and head in linear_chunked._block
+    # (_block_forward: the same products, Q M_0^T and Q S_0^T as one GEMM)
     gemms = [(c, c, c),          # G = La (Le theta)
              (c, c, 1),          # f = La m
              (2 * c, d, d),      # [K; Q] M_0^T

@@ -51,6 +51,12 @@ def test_chunked_matches_oracle_with_full_blocks_only():
     _check_chunked_against_oracle("linear", "l2", True, True, True, (4,), 48)
 
 
+def test_chunked_matches_oracle_with_long_blocks():
+    """Blocks of 10 chunks: the linear path's forward loops over them instead of
+    unrolling; C = 2 leaves a partial tail of 9 chunks, looped too."""
+    _check_chunked_against_oracle("linear", "l2", True, True, True, (1, 2), T, remat_every=10)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_chunked_matches_oracle_with_grad_clip(kind):
     """Clipped token directions (most tokens clipped at G = 1.5) on both paths."""
@@ -64,7 +70,7 @@ def test_chunked_matches_oracle_with_grad_clip(kind):
 
 
 def _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks, t,
-                                  grad_clip=0.0):
+                                  grad_clip=0.0, remat_every=3):
     inputs = random_inputs(0, B, t, H, D, D)
     for chunk in chunks:
         spec = MemorySpec(kind=kind, objective=objective, momentum=momentum,
@@ -72,7 +78,7 @@ def _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks,
                           grad_clip=grad_clip)
         params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
         y_o, s_o, g_o = _loss_and_grads(spec, params, inputs)
-        chunked = dataclasses.replace(spec, path="chunked", remat_every=3)
+        chunked = dataclasses.replace(spec, path="chunked", remat_every=remat_every)
         y_c, s_c, g_c = _loss_and_grads(chunked, params, inputs)
         assert np.abs(np.asarray(y_o)).max() > 0.1
         np.testing.assert_allclose(y_c, y_o, atol=1e-5, err_msg=f"y, C={chunk}")

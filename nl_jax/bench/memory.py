@@ -27,9 +27,11 @@ FLOP counts (multiply-adds count 2), per (batch, head):
 
 * chunked, per chunk of C tokens with d = d_k = d_v (the algorithm's useful
   matmuls; the gates' prefix-sum and last-row products, O(C^2), are not
-  counted): G = La (Le theta) 2C^3, f = La m 2C^2; in the scan [K; Q] M^T
-  4Cd^2 and the two state updates K^T (E * g) 4Cd^2; outputs Q K^T 2C^2 d,
-  ((QK^T) * G) E 2C^2 d and Q S^T 2Cd^2.  Total 2C^3 + 2C^2 + 10Cd^2 + 4C^2 d.
+  counted): G = La (Le theta) 2C^3, f = La m 2C^2; K M^T and Q M^T 4Cd^2,
+  the two state updates K^T (E * g) 4Cd^2; outputs Q K^T 2C^2 d,
+  ((QK^T) * G) E 2C^2 d and Q S^T 2Cd^2.  Total 2C^3 + 2C^2 + 10Cd^2 + 4C^2 d
+  (the forward computes Q M^T and Q S^T as one GEMM Q [M | S]^T, the block
+  differentiated in the backward K M^T and Q M^T as one [K; Q] M^T).
 * oracle, per token: M k 2d^2, the outer-product gradient 2d^2, the S update
   3d^2, the M update 3d^2, M q 2d^2: 12 d^2.
 * forward+backward counts 3x the forward FLOPs (backward ~ 2x forward).

@@ -68,16 +68,22 @@ def check_inputs(q, k, v, gates=()) -> tuple[int, int, int, int, int]:
     return b, t, h, d_k, v.shape[-1]
 
 
+def pad_tokens(x: jax.Array, chunk: int, fill: float) -> jax.Array:
+    """``[B, T, ...]`` fp32 with T padded with ``fill`` to a multiple of ``chunk``."""
+    t = x.shape[1]
+    x = x.astype(jnp.float32)
+    extra = -t % chunk
+    if extra:
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, extra)
+        x = jnp.pad(x, pad, constant_values=fill)
+    return x
+
+
 def to_chunks(x: jax.Array, chunk: int, fill: float) -> jax.Array:
     """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]`` fp32, T padded with ``fill``."""
-    b, t = x.shape[:2]
-    n = -(-t // chunk)
-    x = x.astype(jnp.float32)
-    if n * chunk != t:
-        pad = [(0, 0)] * x.ndim
-        pad[1] = (0, n * chunk - t)
-        x = jnp.pad(x, pad, constant_values=fill)
-    x = x.reshape((b, n, chunk) + x.shape[2:])
+    x = pad_tokens(x, chunk, fill)
+    x = x.reshape((x.shape[0], -1, chunk) + x.shape[2:])
     return jnp.moveaxis(x, 3, 1)
 
 
@@ -120,13 +126,18 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
         state = initial_state(spec, init_params, b)
     c = spec.chunk_size
     n = -(-t // c)
-    if spec.path == "kernel" or (spec.path == "chunked" and linear_chunked.supports(spec)):
+    if spec.path == "chunked" and linear_chunked.supports(spec):
+        args = (pad_tokens(q, c, 0.0), pad_tokens(k, c, 0.0), pad_tokens(v, c, 0.0),
+                pad_tokens(theta, c, 0.0), pad_tokens(eta, c, 1.0), pad_tokens(alpha, c, 0.0))
+        y, (w_end, s_end) = linear_chunked.linear_chunked(
+            spec, state.params["w0"], state.momentum["w0"], *args, t)
+        return y[:, :t], MemoryState(params={"w0": w_end}, momentum={"w0": s_end})
+    if spec.path == "kernel":
         args = (to_chunk_major(q, c, 0.0), to_chunk_major(k, c, 0.0),
                 to_chunk_major(v, c, 0.0), to_chunk_major(theta, c, 0.0),
                 to_chunk_major(eta, c, 1.0), to_chunk_major(alpha, c, 0.0))
-        run = (linear_chunked.linear_kernel if spec.path == "kernel"
-               else linear_chunked.linear_chunked)
-        y, (w_end, s_end) = run(spec, state.params["w0"], state.momentum["w0"], *args, t)
+        y, (w_end, s_end) = linear_chunked.linear_kernel(
+            spec, state.params["w0"], state.momentum["w0"], *args, t)
         return from_chunk_major(y, t), MemoryState(params={"w0": w_end},
                                                    momentum={"w0": s_end})
     args = (to_chunks(q, c, 0.0), to_chunks(k, c, 0.0), to_chunks(v, c, 0.0),

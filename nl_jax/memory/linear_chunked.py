@@ -18,19 +18,30 @@ with the outputs
 
     Y = diag(beta) Q M_0^T + diag(f) Q S_0^T - ((Q K^T) * G) E.
 
-Execution: the chunks are processed in blocks of ``spec.remat_every`` chunks by
-a scan over blocks whose body is rematerialised (backward memory: one state per
-block plus one block's activations); the chunks left over (up to a block, the
-last one partial) form one more rematerialised block after the scan, so the
-scan body knows statically that every chunk ends at row C - 1.  Inside a
-block, everything that does not depend on the state (gate matrices, Q K^T,
-K^T) is batched over the block's chunks, the state recurrence is a short
-unrolled loop of two GEMMs per chunk ([K; Q] M_0^T, then K^T times the
-errors weighted for both state updates), and the outputs are one batched
-computation again.
-Blocks keep the working set in cache and give XLA few, large ops: on the 2-core
-CPU this is 2.5x faster forward and 2x faster backward than one scan over all
-chunks with batched pre- and post-processing (docs/benchmarks.md).
+Execution: inputs are token-major ``[B, T, H, ...]``; the chunks are processed
+in blocks of ``spec.remat_every`` chunks by a scan over blocks; the chunks left
+over (up to a block, the last one partial) form one more block after the
+scan, so the scan body knows statically that every chunk ends at row C - 1.
+Forward and backward are two programs (a custom VJP, ``_chunks``):
+
+* forward (``_block_forward``): per block, the gate terms (``chunk_terms``) are
+  batched over the block's chunks; then a short loop over its chunks cuts each
+  chunk's q, k, v from the token-major inputs (the transposition to
+  ``[B, H, C, d]`` happens chunk by chunk, in cache, never for the whole
+  sequence), runs the recurrence (K M_0^T, then K^T times the errors weighted
+  for both state updates: one GEMM) and the chunk's outputs from the state it
+  holds (Q [M_0 | S_0]^T one GEMM, then ((Q K^T) * G) E), and writes them into
+  the token-major output in place.  Only the state at each block start is kept.
+* backward (``_chunks_bwd``): a reverse scan over the blocks differentiates
+  ``_block`` (the same rule with the outputs batched over the block after the
+  loop, the form whose VJP is cheaper) on each block from its saved start
+  state, i.e. what ``jax.checkpoint`` around each block would do: backward
+  memory is one state per block plus one block's activations.
+
+On the 2-core CPU (docs/benchmarks.md) blocks are 2.5x faster forward and 2x
+faster backward than one scan over all chunks with batched pre- and
+post-processing, and this split forward is 1.3x faster than the
+autodiff-friendly block with whole-sequence transposes.
 
 Gate products prod_{j<l<=i} x_l are exp(s_ij) of the segment sums
 s_ij = sum_{j<l<=i} log x_l, masked to -inf above the diagonal before the
@@ -44,6 +55,8 @@ reduce-window that XLA:CPU fuses into its consumers and recomputes per element
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -177,7 +190,8 @@ def chunk_terms(spec: MemorySpec, x: dict, last: tuple[int, ...] | None) -> dict
         log_a = jnp.zeros_like(alpha)
     beta = jnp.exp(prefix_sums(log_a))
     la = gate_products(log_a)
-    terms = {"e0": (-2.0 if spec.objective == "l2" else -1.0) * x["v"], "beta": beta,
+    terms = {"e0": None if x["v"] is None else (-2.0 if spec.objective == "l2" else -1.0) * x["v"],
+             "beta": beta,
              "end_beta": _last_index(beta, last)}
     if spec.momentum:
         m = jnp.exp(prefix_sums(log_eta))
@@ -246,44 +260,193 @@ def _block(spec: MemorySpec, coef: float, state, x: dict, last: tuple[int, ...] 
     return state, y
 
 
+def _cut(x: jax.Array, start, size: int) -> jax.Array:
+    """Tokens ``start .. start + size`` (``start`` may be traced) of ``[B, T, ...]``."""
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+
+def _chunk_major(x: jax.Array, c: int) -> jax.Array:
+    """``[B, S * C, H, ...]`` -> ``[S, B, H, C, ...]``."""
+    x = x.reshape((x.shape[0], -1, c) + x.shape[2:])
+    return jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
+
+
+def _token_major(x: jax.Array) -> jax.Array:
+    """``[S, B, H, C, ...]`` -> ``[B, S * C, H, ...]``."""
+    x = jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
+    return x.reshape((x.shape[0], -1) + x.shape[3:])
+
+
+def _block_forward(spec: MemorySpec, coef: float, state, xs: dict, start, n_chunks: int,
+                   last: tuple[int, ...] | None, y_all: jax.Array):
+    """``_block``'s results, computed for speed rather than for differentiation.
+
+    Runs the ``n_chunks`` chunks from token ``start`` (traced or static) of the
+    token-major ``xs`` (``[B, T, H, ...]``) from ``state`` = (M^T, S^T) and writes
+    their outputs into ``y_all`` ``[B, T, H, d_v]``; returns (state, y_all).
+    The gate terms are batched over the block; q, k and v are cut and transposed
+    one chunk at a time, in cache, and each chunk's outputs come from the state
+    inside the chunk loop (Y = diag(beta) Q M_0^T + diag(f) Q S_0^T - ((Q K^T) * G)
+    E, with Q [M_0 | S_0]^T one GEMM), so nothing is stacked or sliced twice.
+    """
+    c = spec.chunk_size
+    gates = {name: _chunk_major(_cut(xs[name], start, n_chunks * c), c)
+             for name in ("theta", "eta", "alpha")}                # [S, B, H, C]
+    terms = chunk_terms(spec, dict(gates, v=None), last)
+    weights = ("w_g", "w_h") if spec.momentum else ("w_g",)
+    e_scale = -2.0 if spec.objective == "l2" else -1.0
+
+    def chunk(i, carry):
+        (w_t, s_t), y_all = carry
+        term = {name: x[i] for name, x in terms.items() if x is not None}
+        offset = start + i * c
+        q_c, k_c, v_c = (jnp.swapaxes(_cut(xs[name], offset, c), 1, 2)    # [B, H, C, d]
+                         for name in ("q", "k", "v"))
+        k_t = jnp.swapaxes(k_c, -1, -2)
+        err = e_scale * v_c + coef * _mm(k_c, w_t) if coef else e_scale * v_c
+        err = clip_errors(err, jnp.sum(k_c * k_c, -1) if spec.grad_clip > 0 else None,
+                          spec.grad_clip)
+        steps = _mm(k_t, jnp.concatenate([term[w][..., None] * err for w in weights], -1))
+        scores = _mm(q_c, k_t) * term["gate"]
+        d_v = err.shape[-1]
+        if spec.momentum:
+            q_ws = _mm(q_c, jnp.concatenate([w_t, s_t], axis=-1))   # Q [M_0 | S_0]^T
+            y = (term["beta"][..., None] * q_ws[..., :d_v] - _mm(scores, err)
+                 + term["f"][..., None] * q_ws[..., d_v:])
+            state = (term["end_beta"][..., None, None] * w_t
+                     + term["end_f"][..., None, None] * s_t - steps[..., :d_v],
+                     term["end_m"][..., None, None] * s_t - steps[..., d_v:])
+        else:
+            y = term["beta"][..., None] * _mm(q_c, w_t) - _mm(scores, err)
+            state = (term["end_beta"][..., None, None] * w_t - steps, s_t)
+        y_all = jax.lax.dynamic_update_slice_in_dim(y_all, jnp.swapaxes(y, 1, 2), offset,
+                                                    axis=1)
+        return state, y_all
+
+    if n_chunks > _MAX_UNROLL:
+        return jax.lax.fori_loop(0, n_chunks, chunk, (state, y_all))
+    carry = (state, y_all)
+    for i in range(n_chunks):
+        carry = chunk(i, carry)
+    return carry
+
+
 def linear_chunked(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta, eta,
                    alpha, t_real: int):
-    """Chunked linear memory on chunk-major inputs (``api.apply_memory``).
+    """Chunked linear memory on token-major inputs (``api.apply_memory``).
 
     Args:
-      w0, s0: ``[B, H, d_v, d_k]`` state.  q, k: ``[N, B, H, C, d_k]``;
-        v: ``[N, B, H, C, d_v]``; gates ``[N, B, H, C]``.  ``t_real``: number
-        of real tokens (static); the tokens after it are padding: the state
-        is carried from each chunk's last real token.
+      w0, s0: ``[B, H, d_v, d_k]`` state.  q, k: ``[B, T, H, d_k]``;
+        v: ``[B, T, H, d_v]``; gates ``[B, T, H]``; T a multiple of
+        ``spec.chunk_size``.  ``t_real``: number of real tokens (static); the
+        tokens after it are padding: the state is carried from each chunk's
+        last real token.
 
     Returns:
-      y ``[N, B, H, C, d_v]`` and the state (M, S) after token ``t_real``.
+      y ``[B, T, H, d_v]`` and the state (M, S) after token ``t_real``.
     """
-    n, _, _, c, _ = q.shape
-    if n == 0:      # an empty segment: no outputs, the state unchanged
+    if q.shape[1] % spec.chunk_size:
+        raise ValueError(f"linear_chunked: T = {q.shape[1]} is not a multiple of the chunk "
+                         f"size {spec.chunk_size}; pad the inputs (api.apply_memory does)")
+    if q.shape[1] == 0:      # an empty segment: no outputs, the state unchanged
         return jnp.zeros(v.shape, jnp.float32), (w0, s0)
-    coef = (2.0 if spec.objective == "l2" else 0.0) + (1.0 if spec.dgd else 0.0)
-    size = min(spec.remat_every, n)
-    n_blocks = (t_real // c) // size            # blocks whose chunks are all full
-    split = n_blocks * size
     xs = {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha}
     state = (jnp.swapaxes(w0, -1, -2), jnp.swapaxes(s0, -1, -2))
-    ys = []
-    if n_blocks:
-        blocks = jax.tree.map(
-            lambda x: x[:split].reshape((n_blocks, size) + x.shape[1:]), xs)
-        body = jax.checkpoint(lambda carry, x: _block(spec, coef, carry, x, None))
-        state, y = jax.lax.scan(body, state, blocks)
-        ys.append(y.reshape((split,) + y.shape[2:]))
-    if split < n:   # at most `size` chunks left, the last maybe partial
-        last = tuple(min(c, t_real - i * c) - 1 for i in range(split, n))
-        last = None if t_real >= n * c else last       # all full: row C - 1
-        tail = jax.checkpoint(lambda carry, x: _block(spec, coef, carry, x, last))
-        state, y = tail(state, jax.tree.map(lambda x: x[split:], xs))
-        ys.append(y)
-    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys)
-    w_t, s_t = state
+    y, (w_t, s_t) = _chunks(spec, t_real, state, xs)
     return y, (jnp.swapaxes(w_t, -1, -2), jnp.swapaxes(s_t, -1, -2))
+
+
+class _Blocks:
+    """How T tokens split into blocks of ``spec.remat_every`` chunks: the scan runs
+    over the ``count`` blocks whose chunks are all full; the chunks left over
+    (up to a block, the last maybe partial) form one more block, the tail."""
+
+    def __init__(self, spec: MemorySpec, t: int, t_real: int):
+        c = spec.chunk_size
+        n = t // c
+        self.coef = (2.0 if spec.objective == "l2" else 0.0) + (1.0 if spec.dgd else 0.0)
+        self.size = min(spec.remat_every, n)
+        self.count = (t_real // c) // self.size
+        self.span = self.size * c                      # tokens per block
+        self.split = self.count * self.span            # tokens in the scanned blocks
+        self.tail_chunks = n - self.split // c
+        last = tuple(min(c, t_real - i * c) - 1 for i in range(self.split // c, n))
+        self.tail_last = None if t_real >= t else last  # the tail's last real tokens
+
+
+def _forward(spec: MemorySpec, t_real: int, state, xs: dict):
+    """y, the final state, and the state at the start of every block (and of the tail)."""
+    blocks = _Blocks(spec, xs["q"].shape[1], t_real)
+    y_all = jnp.zeros(xs["v"].shape, jnp.float32)
+    starts = {}
+    if blocks.count:
+        def body(carry, i):
+            start, y_all = carry
+            end, y_all = _block_forward(spec, blocks.coef, start, xs, i * blocks.span,
+                                        blocks.size, None, y_all)
+            return (end, y_all), start
+        (state, y_all), starts["blocks"] = jax.lax.scan(body, (state, y_all),
+                                                        jnp.arange(blocks.count))
+    if blocks.tail_chunks:
+        starts["tail"] = state
+        state, y_all = _block_forward(spec, blocks.coef, state, xs, blocks.split,
+                                      blocks.tail_chunks, blocks.tail_last, y_all)
+    return y_all, state, starts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunks(spec: MemorySpec, t_real: int, state, xs: dict):
+    """(y, final state) of the chunked rule on token-major ``xs`` from ``state`` =
+    (M^T, S^T): forward ``_block_forward``, backward the VJP of ``_block`` per block."""
+    y, state, _ = _forward(spec, t_real, state, xs)
+    return y, state
+
+
+def _chunks_fwd(spec, t_real, state, xs):
+    y, end, starts = _forward(spec, t_real, state, xs)
+    return (y, end), (starts, xs)
+
+
+def _chunks_bwd(spec, t_real, residuals, cotangents):
+    """Reverse over the blocks: each block's forward is recomputed from its saved
+    start state by ``_block`` and differentiated (``jax.vjp``), on the block cut
+    from the token-major inputs and made chunk-major in cache; the input
+    cotangents are written block by block into token-major buffers."""
+    starts, xs = residuals
+    d_y, d_state = cotangents
+    c = spec.chunk_size
+    blocks = _Blocks(spec, xs["q"].shape[1], t_real)
+
+    def block_vjp(start, x_tokens, d_y_tokens, d_end, last):
+        x = {name: _chunk_major(g, c) for name, g in x_tokens.items()}
+        _, vjp = jax.vjp(lambda st, x_: _block(spec, blocks.coef, st, x_, last), start, x)
+        d_start, d_x = vjp((d_end, _chunk_major(d_y_tokens, c)))
+        return d_start, {name: _token_major(g) for name, g in d_x.items()}
+
+    d_xs = jax.tree.map(jnp.zeros_like, xs)
+    if blocks.tail_chunks:
+        d_state, d_tail = block_vjp(starts["tail"],
+                                    {name: x[:, blocks.split:] for name, x in xs.items()},
+                                    d_y[:, blocks.split:], d_state, blocks.tail_last)
+        d_xs = {name: d_xs[name].at[:, blocks.split:].set(g) for name, g in d_tail.items()}
+    if blocks.count:
+        def body(carry, inputs):
+            d_end, d_xs = carry
+            start, i = inputs
+            offset = i * blocks.span
+            d_start, d_x = block_vjp(start, {name: _cut(x, offset, blocks.span)
+                                             for name, x in xs.items()},
+                                     _cut(d_y, offset, blocks.span), d_end, None)
+            d_xs = {name: jax.lax.dynamic_update_slice_in_dim(d_xs[name], g, offset, axis=1)
+                    for name, g in d_x.items()}
+            return (d_start, d_xs), None
+        (d_state, d_xs), _ = jax.lax.scan(body, (d_state, d_xs),
+                                          (starts["blocks"], jnp.arange(blocks.count)),
+                                          reverse=True)
+    return d_state, d_xs
+
+
+_chunks.defvjp(_chunks_fwd, _chunks_bwd)
 
 
 def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta, eta,
