@@ -176,13 +176,14 @@ def _last_row(mat, last):
 def chunk_terms(spec: MemorySpec, x: dict, last: tuple[int, ...] | None) -> dict:
     """The state-independent quantities of S chunks (``x`` leaves ``[S, B, H, C, ...]``).
 
-    Returns ``e0`` (the errors at M = 0), the gate matrix ``gate`` G ``[S, B, H,
-    C, C]``, the per-token output coefficients ``beta`` and ``f`` (None without
-    momentum), the per-token weights of the two state updates ``w_g`` = G[end]
-    and ``w_h`` = Le[end] theta (None without momentum), and each chunk's end
-    coefficients ``end_beta``, ``end_f``, ``end_m`` ``[S, B, H]`` (module
-    docstring).  ``last``: each chunk's last real token (static), None when
-    every chunk is full.
+    Returns ``e0`` (the errors at M = 0; None when ``x`` has no ``v``), the
+    gate matrix ``gate`` G ``[S, B, H, C, C]``, the per-token output
+    coefficients ``beta`` and ``f`` (None without momentum), the per-token
+    weights of the two state updates ``w_g`` = G[end] and ``w_h`` = Le[end]
+    theta (None without momentum), and each chunk's end coefficients
+    ``end_beta``, ``end_f``, ``end_m`` ``[S, B, H]`` (module docstring).
+    ``last``: each chunk's last real token (static), None when every chunk is
+    full.
     """
     eta, alpha = x["eta"], x["alpha"]
     log_eta, log_a = log_gates(eta, alpha)
@@ -190,9 +191,8 @@ def chunk_terms(spec: MemorySpec, x: dict, last: tuple[int, ...] | None) -> dict
         log_a = jnp.zeros_like(alpha)
     beta = jnp.exp(prefix_sums(log_a))
     la = gate_products(log_a)
-    terms = {"e0": None if x["v"] is None else (-2.0 if spec.objective == "l2" else -1.0) * x["v"],
-             "beta": beta,
-             "end_beta": _last_index(beta, last)}
+    e0 = None if "v" not in x else (-2.0 if spec.objective == "l2" else -1.0) * x["v"]
+    terms = {"e0": e0, "beta": beta, "end_beta": _last_index(beta, last)}
     if spec.momentum:
         m = jnp.exp(prefix_sums(log_eta))
         le_theta = gate_products(log_eta) * x["theta"][..., None, :]
@@ -292,7 +292,7 @@ def _block_forward(spec: MemorySpec, coef: float, state, xs: dict, start, n_chun
     c = spec.chunk_size
     gates = {name: _chunk_major(_cut(xs[name], start, n_chunks * c), c)
              for name in ("theta", "eta", "alpha")}                # [S, B, H, C]
-    terms = chunk_terms(spec, dict(gates, v=None), last)
+    terms = chunk_terms(spec, gates, last)
     weights = ("w_g", "w_h") if spec.momentum else ("w_g",)
     e_scale = -2.0 if spec.objective == "l2" else -1.0
 
