@@ -155,6 +155,20 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=_HI)
 
 
+def error_coefs(spec: MemorySpec) -> tuple[float, float]:
+    """(c, s) of the step errors E = c K M_0^T + s V (module docstring)."""
+    l2 = spec.objective == "l2"
+    return (2.0 if l2 else 0.0) + (1.0 if spec.dgd else 0.0), (-2.0 if l2 else -1.0)
+
+
+def last_tokens(c: int, t_real: int, first: int, n: int) -> tuple[int, ...] | None:
+    """The last real token of chunks ``first .. n - 1`` (static), None when all of
+    the ``n`` chunks are full."""
+    if t_real >= n * c:
+        return None
+    return tuple(min(c, t_real - i * c) - 1 for i in range(first, n))
+
+
 def _last_index(vec, last):
     """``[S, ..., C] -> [S, ...]``: each chunk's entry at its last real token."""
     c = vec.shape[-1]
@@ -191,7 +205,7 @@ def chunk_terms(spec: MemorySpec, x: dict, last: tuple[int, ...] | None) -> dict
         log_a = jnp.zeros_like(alpha)
     beta = jnp.exp(prefix_sums(log_a))
     la = gate_products(log_a)
-    e0 = None if "v" not in x else (-2.0 if spec.objective == "l2" else -1.0) * x["v"]
+    e0 = None if "v" not in x else error_coefs(spec)[1] * x["v"]
     terms = {"e0": e0, "beta": beta, "end_beta": _last_index(beta, last)}
     if spec.momentum:
         m = jnp.exp(prefix_sums(log_eta))
@@ -294,7 +308,7 @@ def _block_forward(spec: MemorySpec, coef: float, state, xs: dict, start, n_chun
              for name in ("theta", "eta", "alpha")}                # [S, B, H, C]
     terms = chunk_terms(spec, gates, last)
     weights = ("w_g", "w_h") if spec.momentum else ("w_g",)
-    e_scale = -2.0 if spec.objective == "l2" else -1.0
+    e_scale = error_coefs(spec)[1]
 
     def chunk(i, carry):
         (w_t, s_t), y_all = carry
@@ -364,14 +378,13 @@ class _Blocks:
     def __init__(self, spec: MemorySpec, t: int, t_real: int):
         c = spec.chunk_size
         n = t // c
-        self.coef = (2.0 if spec.objective == "l2" else 0.0) + (1.0 if spec.dgd else 0.0)
+        self.coef = error_coefs(spec)[0]
         self.size = min(spec.remat_every, n)
         self.count = (t_real // c) // self.size
         self.span = self.size * c                      # tokens per block
         self.split = self.count * self.span            # tokens in the scanned blocks
         self.tail_chunks = n - self.split // c
-        last = tuple(min(c, t_real - i * c) - 1 for i in range(self.split // c, n))
-        self.tail_last = None if t_real >= t else last  # the tail's last real tokens
+        self.tail_last = last_tokens(c, t_real, self.split // c, n)
 
 
 def _forward(spec: MemorySpec, t_real: int, state, xs: dict):
@@ -465,8 +478,8 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     n, _, _, c, _ = q.shape
     if n == 0:
         return jnp.zeros(v.shape, jnp.float32), (w0, s0)
-    coef = (2.0 if spec.objective == "l2" else 0.0) + (1.0 if spec.dgd else 0.0)
-    last = None if t_real >= n * c else tuple(min(c, t_real - i * c) - 1 for i in range(n))
+    coef = error_coefs(spec)[0]
+    last = last_tokens(c, t_real, 0, n)
     x = {"q": q, "k": k, "v": v, "theta": theta, "eta": eta, "alpha": alpha}
     terms = chunk_terms(spec, x, last)
     zeros = jnp.zeros_like(terms["beta"])
