@@ -98,6 +98,7 @@ from flax import nnx
 
 from nl_jax.errors import ConfigError
 from nl_jax.memory.maps import clip_scale
+from nl_jax.memory.triangular import unit_lower_solve
 from nl_jax.models.cms import from_chunks, to_chunks
 from nl_jax.models.layers import CausalConv, Dense, l2_normalize, param
 from nl_jax.sharding import constrain
@@ -168,24 +169,6 @@ def _segsum_exp(log_x: jax.Array, prev: bool) -> jax.Array:
     i, s = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
     mask = s < i if prev else s <= i
     return jnp.where(mask, jnp.exp(jnp.where(mask, rows[:, None] - cum[None, :], 0.0)), 0.0)
-
-
-def unit_lower_solve(strict_lower: jax.Array, rhs: jax.Array) -> jax.Array:
-    """Solves ``(I + N) X = rhs`` for strictly lower-triangular ``N`` ([C, C]).
-
-    ``N`` is nilpotent, so ``(I + N)^-1 = sum_k (-N)^k = prod_j (I + (-N)^(2^j))``
-    over ``2^j < C``: ``log2 C`` matmuls, exact in exact arithmetic (a plain
-    triangular solve compiles and differentiates far more slowly on XLA CPU).
-    """
-    c = strict_lower.shape[0]
-    power = -strict_lower
-    inverse = jnp.eye(c, dtype=rhs.dtype) + power
-    span = 2
-    while span < c:
-        power = power @ power
-        inverse = inverse + inverse @ power
-        span *= 2
-    return inverse @ rhs
 
 
 def dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, queries, dgd: bool,
