@@ -8,7 +8,11 @@ import pytest
 from flax import nnx
 
 from nl_jax.errors import ConfigError
-from nl_jax.models.self_modifying import SelfModifyingTitans, dgd_layer_chunk
+from nl_jax.models.self_modifying import (
+    SelfModifyingTitans,
+    chunk_gate_terms,
+    dgd_layer_chunk,
+)
 
 D, H, B = 16, 2, 2
 
@@ -148,7 +152,8 @@ def test_dgd_layer_chunk_matches_explicit_recurrence():
     eta = jax.random.uniform(ks[5], (c,), minval=0.1, maxval=0.9)
     log_alpha = jnp.log(jax.random.uniform(ks[6], (c,), minval=0.5, maxval=1.0))
     log_beta = jnp.log(jax.random.uniform(ks[7], (c,), minval=0.5, maxval=1.0))
-    out, w_c, s_c = dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, q, True)
+    terms = chunk_gate_terms(log_alpha, log_beta)
+    out, w_c, s_c = dgd_layer_chunk(w0, s0, a, delta, eta, terms, q, True)
     w, s = np.asarray(w0, np.float64), np.asarray(s0, np.float64)
     a, delta, q, eta = (np.asarray(v, np.float64) for v in (a, delta, q, eta))
     alpha = np.exp(np.asarray(log_alpha, np.float64))

@@ -171,37 +171,51 @@ def _segsum_exp(log_x: jax.Array, prev: bool) -> jax.Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, rows[:, None] - cum[None, :], 0.0)), 0.0)
 
 
-def dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, queries, dgd: bool,
-                    valid=None):
+def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True) -> dict:
+    """The state-independent gate matrices of one chunk (log-space segment sums).
+
+    They depend only on the chunk's decay and momentum gates, so one set serves
+    every layer of every memory that updates on the chunk (and, where the gates
+    are known before the chunk scan, all chunks are built at once outside it).
+    ``D[t, s] = prod_{s < l <= t} alpha_l``, ``Lb[s, r] = prod_{r < l <= s} beta_l``,
+    ``nu`` the token mask (padding tokens do not add the momentum to W).
+    """
+    cum = jnp.cumsum(log_alpha)
+    dp = _segsum_exp(log_alpha, prev=True)           # D[t-1, s], s < t
+    d_last = jnp.exp(cum[-1] - cum)                  # D[C-1, s]
+    terms = dict(dp=dp, d_last=d_last, gamma_prev=jnp.exp(cum - log_alpha),
+                 gamma_last=jnp.exp(jnp.sum(log_alpha)))
+    if not momentum:
+        return dict(terms, cmp=dp, cm_last=d_last)
+    lb = _segsum_exp(log_beta, prev=False)           # Lb[s, r], r <= s
+    cum_b = jnp.cumsum(log_beta)
+    m = jnp.exp(cum_b)
+    nu = jnp.ones_like(log_alpha) if valid is None else valid.astype(log_alpha.dtype)
+    dp_nu, d_last_nu = dp * nu[None, :], d_last * nu
+    return dict(terms, cmp=dp_nu @ lb, cm_last=d_last_nu @ lb, f_prev=dp_nu @ m,
+                f_last=d_last_nu @ m, lb_last=jnp.exp(cum_b[-1] - cum_b),
+                beta_last=jnp.exp(jnp.sum(log_beta)))
+
+
+def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool):
     """One chunk of one layer's update, closed form (WY representation).
 
     Recurrence (per token t of the chunk, ``ahat, u`` from ``a, delta``):
         S_t = beta_t S_{t-1} - eta_t u_t ahat_t^T      (``s0`` None: S_t = -eta_t u_t ahat_t^T)
         W_t = alpha_t W_{t-1} - [dgd] eta_t (W_{t-1} ahat_t) ahat_t^T + valid_t S_t
-    Padding tokens (``valid`` 0, with eta 0, alpha = beta = 1) leave W and S
-    unchanged.  Returns ``(W_{t-1} q_t for each query row, W_C, S_C)``.
+    ``terms``: ``chunk_gate_terms`` of the chunk (with momentum iff ``s0`` is
+    given).  Padding tokens (``valid`` 0, with eta 0, alpha = beta = 1) leave W
+    and S unchanged.  Returns ``(W_{t-1} q_t for each query row, W_C, S_C)``.
     """
     ahat, norm = _normalized(a)
     u = delta * norm                       # u_t ahat_t^T = delta_t a_t^T
     eu = eta[:, None] * u
-    dp = _segsum_exp(log_alpha, prev=True)           # D[t-1, s], s < t
-    d_last = jnp.exp(jnp.cumsum(log_alpha)[-1] - jnp.cumsum(log_alpha))  # D[C-1, s]
-    gamma_prev = jnp.exp(jnp.cumsum(log_alpha) - log_alpha)
-    gamma_last = jnp.exp(jnp.sum(log_alpha))
-    if s0 is not None:
-        lb = _segsum_exp(log_beta, prev=False)        # Lb[s, r], r <= s
-        m = jnp.exp(jnp.cumsum(log_beta))
-        nu = jnp.ones_like(eta) if valid is None else valid.astype(eta.dtype)
-        dp_nu, d_last_nu = dp * nu[None, :], d_last * nu
-        cmp_, cm_last = dp_nu @ lb, d_last_nu @ lb
-        f_prev, f_last = dp_nu @ m, d_last_nu @ m
-    else:
-        cmp_, cm_last = dp, d_last
+    dp, gamma_prev, cmp_ = terms["dp"], terms["gamma_prev"], terms["cmp"]
     kk = ahat @ ahat.T
     if dgd:
         rhs = gamma_prev[:, None] * (ahat @ w0.T) - (cmp_ * kk) @ eu
         if s0 is not None:
-            rhs = rhs + f_prev[:, None] * (ahat @ s0.T)
+            rhs = rhs + terms["f_prev"][:, None] * (ahat @ s0.T)
         rhs = -eta[:, None] * rhs
         wv = unit_lower_solve(eta[:, None] * dp * kk, rhs)
     out = None
@@ -209,26 +223,26 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, log_alpha, log_beta, queries, dgd: bo
         qk = queries @ ahat.T
         out = gamma_prev[:, None] * (queries @ w0.T) - (cmp_ * qk) @ eu
         if s0 is not None:
-            out = out + f_prev[:, None] * (queries @ s0.T)
+            out = out + terms["f_prev"][:, None] * (queries @ s0.T)
         if dgd:
             out = out + (dp * qk) @ wv
-    w_new = gamma_last * w0 - (cm_last[:, None] * eu).T @ ahat
+    w_new = terms["gamma_last"] * w0 - (terms["cm_last"][:, None] * eu).T @ ahat
     if dgd:
-        w_new = w_new + (d_last[:, None] * wv).T @ ahat
+        w_new = w_new + (terms["d_last"][:, None] * wv).T @ ahat
     s_new = None
     if s0 is not None:
-        w_new = w_new + f_last * s0
-        lb_last = jnp.exp(jnp.cumsum(log_beta)[-1] - jnp.cumsum(log_beta))
-        s_new = jnp.exp(jnp.sum(log_beta)) * s0 - (lb_last[:, None] * eu).T @ ahat
+        w_new = w_new + terms["f_last"] * s0
+        s_new = terms["beta_last"] * s0 - (terms["lb_last"][:, None] * eu).T @ ahat
     return out, w_new, s_new
 
 
-def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, log_alpha, log_beta,
-                 objective: str, dgd: bool, valid=None, grad_clip: float = 0.0):
+def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
+                 objective: str, dgd: bool, grad_clip: float = 0.0):
     """One chunk of one memory: per-token reads ``M_{t-1}(q_t)`` and the new state.
 
-    Each token's layer gradient ``delta a^T`` is clipped to Frobenius norm
-    ``grad_clip`` (``|delta a^T|_F = |delta| |a|``).
+    ``terms``: the chunk's ``chunk_gate_terms``.  Each token's layer gradient
+    ``delta a^T`` is clipped to Frobenius norm ``grad_clip``
+    (``|delta a^T|_F = |delta| |a|``).
     """
     factors = layer_factors(kind, anchor, k, vhat, objective)
     factors = {name: (a, delta * clip_scale(
@@ -239,8 +253,7 @@ def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, log_alpha, log_b
     def run(name, q):
         a, delta = factors[name]
         out, new_cur[name], s = dgd_layer_chunk(
-            cur[name], None if mom is None else mom[name], a, delta, eta, log_alpha,
-            log_beta, q, dgd, valid)
+            cur[name], None if mom is None else mom[name], a, delta, eta, terms, q, dgd)
         if mom is not None:
             new_mom[name] = s
         return out
@@ -407,12 +420,14 @@ def chunked_sequence(spec: _Spec, state, u, plain, log_beta, readout, streaming:
         eta = jnp.where(valid_k, eta, 0.0)
         log_alpha = jnp.where(valid_k, log_alpha, 0.0)
         lb_k = jnp.where(valid_k, lb_k, 0.0)
+        # One set of gate matrices for every layer of every adaptive memory.
+        terms = chunk_gate_terms(log_alpha, lb_k, valid_k, spec.momentum)
 
         def update_box(cur_b, mom_b, anc_b):
             vhat = memory_apply(spec.kind, anc_b, v)
             _, new_cur_b, new_mom_b = memory_chunk(
-                spec.kind, cur_b, mom_b, anc_b, k, vhat, None, eta / spec.chunk,
-                log_alpha, lb_k, spec.objective, spec.dgd, valid_k, spec.grad_clip)
+                spec.kind, cur_b, mom_b, anc_b, k, vhat, None, eta / spec.chunk, terms,
+                spec.objective, spec.dgd, spec.grad_clip)
             return new_cur_b, new_mom_b
 
         new_cur, new_mom = jax.vmap(update_box)(cur, mom, anc)
@@ -432,21 +447,25 @@ def chunked_sequence(spec: _Spec, state, u, plain, log_beta, readout, streaming:
     (k_c, v_c, q_c, eta_c, la_c, lb_c), valid_m, complete_m = chunk_inputs(
         (k, v, q, eta, log_alpha, lb_all), spec.memory_chunk, off_m)
 
+    # The gates are known before the scan: mask the padding and build every
+    # chunk's gate matrices at once, outside the sequential loop.
+    eta_c = jnp.where(valid_m, eta_c, 0.0) / spec.memory_chunk
+    la_c = jnp.where(valid_m, la_c, 0.0)
+    lb_c = jnp.where(valid_m, lb_c, 0.0)
+    terms_c = jax.vmap(lambda la, lb, valid: chunk_gate_terms(la, lb, valid, spec.momentum))(
+        la_c, lb_c, valid_m)
+
     def stage2(carry, inputs):
         cur, mom, anc = carry
-        k_k, v_k, q_k, eta_k, la_k, lb_k, valid_k, complete_k = inputs
-        eta_k = jnp.where(valid_k, eta_k, 0.0)
-        la_k = jnp.where(valid_k, la_k, 0.0)
-        lb_k = jnp.where(valid_k, lb_k, 0.0)
+        k_k, v_k, q_k, eta_k, terms_k, complete_k = inputs
         vhat = memory_apply(spec.kind, anc, v_k)
-        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, vhat, q_k,
-                                   eta_k / spec.memory_chunk, la_k, lb_k, spec.objective,
-                                   spec.dgd, valid_k, spec.grad_clip)
+        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, vhat, q_k, eta_k, terms_k,
+                                   spec.objective, spec.dgd, spec.grad_clip)
         anc = _where_tree(complete_k, cur, anc)
         return (cur, mom, anc), y
 
     mem, ys = jax.lax.scan(jax.checkpoint(stage2), state["mem"],
-                           (k_c, v_c, q_c, eta_c, la_c, lb_c, valid_m, complete_m))
+                           (k_c, v_c, q_c, eta_c, terms_c, complete_m))
     y = unchunk(ys, off_m)
     return y, dict(pos=pos + t, other=other, mem=mem)
 
