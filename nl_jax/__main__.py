@@ -39,9 +39,12 @@ def _workdir(args_workdir: str | None, config) -> str:
 
 
 def _split_workdir(rest: list[str]) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     parser.add_argument("--workdir")
-    args, unknown = parser.parse_known_args(rest)
+    try:
+        args, unknown = parser.parse_known_args(rest)
+    except argparse.ArgumentError:
+        raise UserError("--workdir needs a folder: --workdir DIR") from None
     return args.workdir, unknown
 
 
@@ -84,12 +87,37 @@ def _load_run(argv: list[str], command: str):
     else:
         raise UserError(f"{command}: {workdir} has no config.json; pass --config too")
     config = config_lib.apply_overrides(config, overrides)
+    if not any(key.startswith("mesh.") for key, _ in overrides):
+        _fit_mesh(config, command)
     return config, workdir, rest
+
+
+def _fit_mesh(config, command: str) -> None:
+    """The run's mesh may name more devices than this process has (a pod run read
+    back on one host): then spread batch rows over the local devices instead."""
+    import jax
+
+    from nl_jax import config as config_lib
+    try:
+        config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
+    except UserError:
+        axes = list(config.mesh.keys())
+        fill = "data" if "data" in axes else axes[0]
+        fitted = {axis: -1 if axis == fill else 1 for axis in axes}
+        print(f"note: {command}: the run's mesh {dict(config.mesh)} does not fit the "
+              f"{jax.device_count()} device(s) here; using {fitted} (set --config.mesh.* "
+              f"to choose)", file=sys.stderr)
+        with config.unlocked():
+            for axis, size in fitted.items():
+                config.mesh[axis] = size
 
 
 def _restored_trainer(config, workdir: str, command: str):
     from nl_jax.train.loop import Trainer
-    trainer = Trainer(config, workdir, write_metrics=False)
+    if not os.path.isdir(workdir):
+        raise UserError(f"{command}: --workdir {workdir} does not exist (a folder made by "
+                        f"`python -m nl_jax train`)")
+    trainer = Trainer(config, workdir, write_metrics=False, purpose=command)
     if trainer.maybe_restore() == 0:
         raise UserError(f"{command}: no checkpoint in {workdir}/checkpoints")
     return trainer
@@ -103,8 +131,13 @@ def cmd_eval(argv: list[str]) -> int:
     args = parser.parse_args(rest)
     if args.files:
         config.data.eval_files = tuple(args.files)
-    if args.batches:
+    if args.batches is not None:
+        if args.batches < 1:
+            raise UserError(f"eval: --batches must be a positive integer, got {args.batches}")
         config.train.eval_batches = args.batches
+    if not config.train.eval_batches:
+        raise UserError("eval: train.eval_batches is 0 in this run's config (no held-out "
+                        "evaluation); pass --batches N")
     trainer = _restored_trainer(config, workdir, "eval")
     result = {"step": int(trainer.state["step"]), **trainer.evaluate(),
               "files": list(config.data.eval_files)}
@@ -122,6 +155,11 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(rest)
+    if args.tokens < 1:
+        raise UserError(f"generate: --tokens must be a positive integer, got {args.tokens}")
+    if args.temperature < 0:
+        raise UserError(f"generate: --temperature must be >= 0 (0: greedy), got "
+                        f"{args.temperature}")
     trainer = _restored_trainer(config, workdir, "generate")
     from nl_jax.eval.generate import generate
     print(generate(trainer.model_def, trainer.state["params"], trainer.tokenizer,
@@ -153,6 +191,29 @@ def cmd_tokenizer(argv: list[str]) -> int:
     return tokenizer.main(argv)
 
 
+_COMMON = """
+  --config FILE[:ARG]   a config file with get_config() (default: experiments/hope/tiny.py)
+  --config.KEY=VALUE    override a key of it, e.g. --config.train.steps=500
+  --workdir DIR         the run's folder (checkpoints, metrics, config.json)"""
+HELP = {
+    "train": "usage: python -m nl_jax train [--config FILE[:ARG]] [--config.KEY=VALUE ...] "
+             "[--workdir DIR]\n\nTrains, or resumes from the latest checkpoint in "
+             "--workdir." + _COMMON + """
+  --distributed         multi-process (TPU pod slices, SLURM, Open MPI), or
+  --coordinator HOST:PORT --num_processes N --process_id I""",
+    "eval": "usage: python -m nl_jax eval --workdir DIR [--files GLOB ...] [--batches N] "
+            "[--config.KEY=VALUE ...]\n\nHeld-out loss and perplexity of the latest "
+            "checkpoint (printed, and written to DIR/eval.json)." + _COMMON + """
+  --files GLOB ...      held-out text files (default: the run's data.eval_files)
+  --batches N           number of batches (default: the run's train.eval_batches)""",
+    "generate": "usage: python -m nl_jax generate --workdir DIR [--prompt TEXT] "
+                "[--tokens N] [--temperature T] [--seed S]\n\nSamples text from the "
+                "latest checkpoint." + _COMMON + """
+  --prompt TEXT         the start of the text (empty: an unconditional sample)
+  --tokens N            tokens to sample (default 64)
+  --temperature T       softmax temperature, 0 for greedy (default 0.8)""",
+}
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "bench": cmd_bench, "aot": cmd_aot, "tokenizer": cmd_tokenizer}
 
@@ -167,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; choose one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command in HELP and any(a in ("-h", "--help") for a in argv):
+        print(HELP[command])
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "jax", "orbax", "tensorstore", "grain", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -50,9 +50,20 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     import sys
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)  # so configs can `from experiments import base`
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config: {path} line {e.lineno}: syntax error: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {path} has no get_config() function")
+    import inspect
+    try:
+        inspect.signature(module.get_config).bind(*([arg] if arg else []))
+    except TypeError:
+        wanted = ("takes an argument: use --config {path}:ARG" if not arg else
+                  "takes no argument: use --config {path} without ':{arg}'")
+        raise ConfigError(f"--config: get_config() in {path} "
+                          + wanted.format(path=spec.partition(':')[0], arg=arg)) from None
     config = module.get_config(arg) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--config: get_config() in {path} must return a "
@@ -99,8 +110,13 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         return text
     if isinstance(current, (tuple, list)):
         value = literal()
-        if isinstance(value, str):
-            value = tuple(s for s in text.split(",") if s)
+        if isinstance(value, str):   # a bare list: 32,never -> (32, 'never')
+            def item(part):
+                try:
+                    return ast.literal_eval(part)
+                except (ValueError, SyntaxError):
+                    return part
+            value = tuple(item(part.strip()) for part in text.split(",") if part.strip())
         if not isinstance(value, (tuple, list)):
             value = (value,)
         return tuple(value)
@@ -228,6 +244,33 @@ def seq_len_divisors(config) -> list[tuple[str, int]]:
     return found
 
 
+def validate_rules(config: ml_collections.ConfigDict) -> None:
+    """``sharding.rules``: pairs (logical name, mesh axis | tuple of mesh axes | None),
+    every mesh axis one of ``config.mesh``'s (a misspelt axis would silently
+    replicate what it should shard)."""
+    rules, axes = config.sharding.rules, tuple(config.mesh.keys())
+    example = "(('batch', ('data', 'fsdp')), ('mlp', 'tensor'))"
+    _require(isinstance(rules, (tuple, list)), "sharding.rules",
+             f"must be a tuple of (logical name, mesh axes) pairs, e.g. {example}; "
+             f"got {rules!r}")
+    for rule in rules:
+        _require(isinstance(rule, (tuple, list)) and len(rule) == 2
+                 and isinstance(rule[0], str), "sharding.rules",
+                 f"each rule is a pair (logical name, mesh axes), e.g. ('mlp', 'tensor'); "
+                 f"got {rule!r}")
+        target = rule[1]
+        targets = (() if target is None else (target,) if isinstance(target, str)
+                   else target)
+        _require(isinstance(targets, (tuple, list))
+                 and all(isinstance(t, str) for t in targets), "sharding.rules",
+                 f"rule {tuple(rule)!r}: the target must be a mesh axis name, a tuple of "
+                 f"them or None")
+        for t in targets:
+            _require(t in axes, "sharding.rules",
+                     f"rule {tuple(rule)!r} names mesh axis {t!r}, which is not an axis of "
+                     f"config.mesh ({', '.join(axes)})")
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
              process_count: int = 1) -> ml_collections.ConfigDict:
     """Checks values that are impossible; raises ConfigError naming the key."""
@@ -252,6 +295,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         _require(v > 0 and seq_len % v == 0, key,
                  f"must be a positive divisor of data.seq_len={seq_len}, got {v} "
                  f"(change data.seq_len or {key})")
+    validate_rules(config)
     if device_count is not None:
         shape = resolve_mesh_shape(config.mesh, device_count)
         data_parallel = shape.get("data", 1) * shape.get("fsdp", 1)

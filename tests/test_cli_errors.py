@@ -59,3 +59,12 @@ def test_bad_data_file(capsys, tmp_path, kind, content, needle):
 def test_unknown_command(capsys):
     code, err = run(capsys, "fly")
     assert code == 2 and "unknown command 'fly'" in err
+
+
+def test_bare_list_override_parses_each_item():
+    from nl_jax import config as config_lib
+    c = config_lib.load_config_file("experiments/hope/tiny.py")
+    config_lib.apply_overrides(c, [("model.cms.periods", "64, never"),
+                                   ("data.train_files", "/data/a*.txt,/data/b.txt")])
+    assert tuple(c.model.cms.periods) == (64, "never")
+    assert tuple(c.data.train_files) == ("/data/a*.txt", "/data/b.txt")

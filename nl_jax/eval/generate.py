@@ -15,7 +15,9 @@ def generate(model_def, params, tokenizer, *, prompt: str, num_tokens: int,
     window slides when the text grows longer.  Causality makes the padding
     after the current position irrelevant.
     """
-    ids = list(tokenizer.encode(prompt)) or [tokenizer.eos_id]
+    ids = list(tokenizer.encode(prompt))
+    start = 0 if ids else 1      # an empty prompt: start after an end-of-text token
+    ids = ids or [tokenizer.eos_id]
 
     @jax.jit
     def next_logits(params, window, pos):
@@ -34,4 +36,4 @@ def generate(model_def, params, tokenizer, *, prompt: str, num_tokens: int,
         else:
             tok = int(jnp.argmax(logits))
         ids.append(tok)
-    return tokenizer.decode(ids)
+    return tokenizer.decode(ids[start:])

@@ -17,17 +17,21 @@ import orbax.checkpoint as ocp
 
 from nl_jax.errors import CheckpointError
 
-# Config groups whose change makes a checkpoint unusable (shapes, optimizer
-# state structure, token stream).  Other keys (steps, logging) may change.
+# Config groups whose change makes a checkpoint unusable for training (shapes,
+# optimizer state structure, token stream).  Other keys (steps, logging) may change.
 RESUME_KEYS = ("model", "levels", "data.seq_len", "data.batch_size", "data.tokenizer",
                "data.train_files")
+# ... and for reading its weights (eval, generate): any context length, batch
+# size or data files will do.
+READ_KEYS = ("model", "levels", "data.tokenizer")
 
 
 def _normalise(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _lookup(d: dict, dotted: str):
+def lookup(d: dict, dotted: str):
+    """``d['a']['b']`` for ``'a.b'``; None where a key is missing."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
             return None
@@ -48,11 +52,14 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int, config_dict: dict):
+    def __init__(self, workdir: str, keep: int, config_dict: dict, create: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.config = _normalise(config_dict)
+        if not create and not os.path.isdir(self.directory):
+            raise CheckpointError(f"no checkpoint in {self.directory} (a workdir made by "
+                                  f"`python -m nl_jax train`)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True)
+            max_to_keep=keep, create=create, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config"))
 
@@ -74,24 +81,43 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(self.config)), force=force)
 
-    def check_compatible(self, step: int) -> None:
-        saved = self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
+    def _read(self, step: int, what: str, **items):
+        """``manager.restore`` of some items; an unreadable checkpoint (missing or
+        truncated files) is a CheckpointError that names the step's folder."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (KeyboardInterrupt, CheckpointError):
+            raise
+        except Exception as e:  # orbax/tensorstore raise many types for bad files
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            folder = os.path.join(self.directory, str(step))
+            raise CheckpointError(
+                f"cannot read the {what} of checkpoint step {step} ({folder}): {first}. "
+                f"Move that folder away to use the previous checkpoint, or use a new "
+                f"--workdir") from None
+
+    def check_compatible(self, step: int, keys=RESUME_KEYS, verb: str = "resume") -> dict:
+        """Refuses a config that differs from the checkpoint's in ``keys``; returns
+        the checkpoint's config."""
+        saved = self._read(step, "config", config=ocp.args.JsonRestore())["config"]
         diffs = []
-        for key in RESUME_KEYS:
-            diffs += config_differences(_lookup(saved, key), _lookup(self.config, key),
+        for key in keys:
+            diffs += config_differences(lookup(saved, key), lookup(self.config, key),
                                         key + ".")
         if diffs:
             raise CheckpointError(
-                f"cannot resume from {self.directory} (step {step}): the config "
-                f"differs in {'; '.join(diffs)}. Use the same values, or a new "
-                f"--workdir to start a fresh run.")
+                f"cannot {verb} {self.directory} (step {step}): the config "
+                f"differs in {'; '.join(diffs)}. Use the same values"
+                + (", or a new --workdir to start a fresh run." if verb == "resume" else "."))
+        return saved
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"]
+    def restore(self, step: int, abstract_state: Any,
+                with_data: bool = True) -> tuple[Any, dict | None]:
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if with_data:
+            items["data"] = ocp.args.JsonRestore()
+        restored = self._read(step, "state", **items)
+        return restored["state"], restored["data"] if with_data else None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

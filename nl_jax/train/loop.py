@@ -26,18 +26,33 @@ from nl_jax.train.step import make_eval_step, make_train_step
 log = logging.getLogger("nl_jax")
 
 
-class Trainer:
-    """Everything a run needs, built once from a validated config."""
+PURPOSES = ("train", "eval", "generate")
 
-    def __init__(self, config, workdir: str, *, devices=None, write_metrics: bool = True):
+
+class Trainer:
+    """Everything a run needs, built once from a validated config.
+
+    ``purpose``: ``"train"`` builds the training data stream and restores it
+    with the state; ``"eval"`` and ``"generate"`` read a trained workdir and
+    touch neither the training data nor the workdir's files (eval builds only
+    the held-out batches, generate no data at all).
+    """
+
+    def __init__(self, config, workdir: str, *, devices=None, write_metrics: bool = True,
+                 purpose: str = "train"):
         from nl_jax import levels as levels_lib
         from nl_jax.data.pipeline import build_eval_batches, build_train_iterator
         from nl_jax.data.tokenizer import load_tokenizer
 
+        if purpose not in PURPOSES:
+            raise ValueError(f"Trainer purpose {purpose!r}; one of {PURPOSES}")
+        self.purpose = purpose
         self.devices = devices if devices is not None else jax.devices()
         config_lib.validate(config, len(self.devices), jax.process_count())
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a folder "
+                              f"(it is created if missing)")
         self.config, self.workdir = config, workdir
-        os.makedirs(workdir, exist_ok=True)
         root = config_lib.REPO_ROOT
 
         self.tokenizer = load_tokenizer(config.data.tokenizer, root)
@@ -67,17 +82,22 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(self.model_def, self.mesh, self.rules),
                                  in_shardings=(self.shardings["params"], self.batch_sharding))
 
-        self.data = build_train_iterator(
+        self.data = (build_train_iterator(
             config.data, self.tokenizer, seed=config.train.seed, base_dir=root,
             process_index=jax.process_index(), process_count=jax.process_count())
+            if purpose == "train" else None)
         self.eval_batches = (build_eval_batches(config.data, self.tokenizer, base_dir=root,
                                                 num_batches=config.train.eval_batches,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())
-                             if config.train.eval_batches else [])
+                             if config.train.eval_batches and purpose != "generate" else [])
+        # Nothing is written to the workdir before here: a config or data mistake
+        # leaves no empty folder behind.
         self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,
-                                                  config.to_dict())
-        self.writer = metrics_lib.MetricsWriter(workdir, enabled=write_metrics and is_primary())
+                                                  config.to_dict(),
+                                                  create=purpose == "train")
+        self.writer = metrics_lib.MetricsWriter(
+            workdir, enabled=write_metrics and is_primary() and purpose == "train")
         self.resumed_from = None
 
     # -- pieces -----------------------------------------------------------------
@@ -86,13 +106,22 @@ class Trainer:
                 for k, v in batch.items()}
 
     def maybe_restore(self) -> int:
+        """Restores the latest checkpoint (0 if there is none); the metrics log is
+        cut back to that step (a run killed after it logged later steps)."""
         step = self.checkpointer.latest_step()
         if step is None:
+            self.writer.truncate(0)
             return 0
-        self.checkpointer.check_compatible(step)
+        training = self.purpose == "train"
+        self.saved_config = self.checkpointer.check_compatible(
+            step, ckpt_lib.RESUME_KEYS if training else ckpt_lib.READ_KEYS,
+            "resume" if training else f"{self.purpose} with")
         abstract = ckpt_lib.abstract_with_shardings(self.state, self.shardings)
-        self.state, data_state = self.checkpointer.restore(step, abstract)
-        self.data.set_state(data_state)
+        self.state, data_state = self.checkpointer.restore(step, abstract,
+                                                           with_data=training)
+        if training:
+            self.data.set_state(data_state)
+        self.writer.truncate(step)
         self.resumed_from = step
         return step
 
@@ -135,13 +164,25 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     start = trainer.maybe_restore()
     primary = is_primary()     # process 0 prints and writes the workdir's files
     say = print if primary else (lambda *args, **kwargs: None)
+    if start >= cfg.steps:
+        # A finished run: nothing to do, and nothing already written is touched.
+        trainer.checkpointer.close()
+        say(f"nothing to do: {workdir} holds a checkpoint at step {start} and "
+            f"train.steps={cfg.steps}; raise --config.train.steps to train further "
+            f"(its results are in {os.path.join(workdir, 'final_metrics.json')})")
+        return {"step": start, "already_done": True}
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
         f"{trainer.num_params:,} parameters, mesh {dict(trainer.mesh.shape)}{processes}, "
         f"workdir {workdir}")
     if start:
-        say(f"resuming from step {start}")
+        before = ckpt_lib.lookup(trainer.saved_config, "train.steps")
+        stretched = (f" (train.steps {before} -> {cfg.steps}: the learning-rate "
+                     f"schedule now spans {cfg.steps} steps)"
+                     if before not in (None, cfg.steps) else "")
+        say(f"resuming from step {start}{stretched}")
     if primary:
+        os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
     trainer.compile()
@@ -206,8 +247,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             else:
                 progress.update(step, None)
             stopping = interrupted["stop"]     # no eval or periodic save: save and go
-            if (cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
-                    and not stopping):
+            if (cfg.eval_every and trainer.eval_batches and step % cfg.eval_every == 0
+                    and step < cfg.steps and not stopping):
                 ev = trainer.evaluate()
                 trainer.writer.write(step, "eval", ev)
                 progress.write(f"eval step {step}: loss={ev['loss']:.4f} "

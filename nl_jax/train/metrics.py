@@ -20,32 +20,71 @@ def to_python(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Writes each record to ``metrics.jsonl`` and TensorBoard event files."""
+    """Writes each record to ``metrics.jsonl`` and TensorBoard event files.
+
+    Files are opened at the first record, so a run that fails before its first
+    step leaves nothing behind.  ``truncate(step)`` (on resume) drops the
+    records after ``step`` that a killed run logged past its last checkpoint,
+    from the JSONL file and (``purge_step``) from TensorBoard, so a resumed
+    run's curves have each step once.
+    """
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            # open for the writer's lifetime; closed by close()
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._tb = self._file = None
+        self._purge_step = None
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self._purge_step = step + 1
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def _open(self) -> None:
+        from tensorboardX import SummaryWriter
+        os.makedirs(self.workdir, exist_ok=True)
+        self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
+                                 purge_step=self._purge_step)
+        # open for the writer's lifetime; closed by close()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self._file is None:
+            self._open()
         record = {"step": int(step), "split": split, **to_python(metrics)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for k, v in record.items():
-            if k not in ("step", "split") and isinstance(v, (int, float)):
+            # a non-finite loss is in the JSONL record; TensorBoard cannot plot it
+            if (k not in ("step", "split") and isinstance(v, (int, float))
+                    and np.isfinite(v)):
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
     def close(self) -> None:
-        if self.enabled:
+        if self._file is not None:
             self._file.close()
             self._tb.close()
+            self._file = self._tb = None
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")      # a torn last line of a killed run: dropped
 
 
 class Progress:
