@@ -283,7 +283,18 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None,
         v = config.train[key]
         _require(isinstance(v, int) and v >= 0, f"train.{key}",
                  f"must be an integer >= 0, got {v!r}")
+    clip = config.train.grad_clip_norm
+    _require(isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0,
+             "train.grad_clip_norm", f"must be a number >= 0 (0: no clipping), got {clip!r}")
     m = config.model
+    window = m.get("attention_window", 0)
+    _require(isinstance(window, int) and not isinstance(window, bool) and window >= 0,
+             "model.attention_window",
+             f"must be an integer >= 0 (0: full causal attention), got {window!r}")
+    _require(m.mlp != "cms" or isinstance(m.get("cms"), ml_collections.ConfigDict),
+             "model.mlp", "'cms' needs a model.cms group (its levels' periods), which "
+             "this config does not have: start from experiments/hope/tiny.py, or add "
+             "c.model.cms = dict(periods=(32, 'never')) to the config file")
     _require(m.d_model % m.n_heads == 0, "model.n_heads",
              f"must divide model.d_model={m.d_model}, got {m.n_heads}")
     _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",

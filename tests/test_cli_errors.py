@@ -25,6 +25,9 @@ def run(capsys, *argv):
     (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one axis may be -1"),
     (["--config.model.vocab_size=1000"], "model.vocab_size=1000 does not match the tokenizer"),
     (["--config.model.mixer=lstm"], "model.mixer='lstm' is not known"),
+    (["--config.model.attention_window=-1"], "model.attention_window: must be an integer >= 0"),
+    (["--config.train.grad_clip_norm=-1"], "train.grad_clip_norm: must be a number >= 0"),
+    (["--config.model.mlp=cms"], "model.mlp: 'cms' needs a model.cms group"),
 ])
 def test_bad_config_exits_2_with_message(capsys, tmp_path, argv, needle):
     code, err = run(capsys, "train", "--config", TINY, "--workdir", str(tmp_path / "w"), *argv)
