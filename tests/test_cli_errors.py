@@ -71,3 +71,9 @@ def test_bare_list_override_parses_each_item():
                                    ("data.train_files", "/data/a*.txt,/data/b.txt")])
     assert tuple(c.model.cms.periods) == (64, "never")
     assert tuple(c.data.train_files) == ("/data/a*.txt", "/data/b.txt")
+
+
+@pytest.mark.parametrize("bench", ["optimizers", "schedules"])
+def test_bench_with_too_little_text_names_the_flag(capsys, bench):
+    code, err = run(capsys, "bench", bench, "--max_bytes", "10")
+    assert code == 2 and "--max_bytes 10 is below" in err

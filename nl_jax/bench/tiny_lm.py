@@ -25,6 +25,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)  # the configs live in the repository's experiments/
 
 BATCH, SEQ_LEN = 8, 64
+MIN_BYTES = 10_000
 
 
 def default_text_files(key: str = "train_files") -> list[str]:
@@ -38,6 +39,9 @@ def default_text_files(key: str = "train_files") -> list[str]:
 
 def byte_tokens(paths: list[str], max_bytes: int, bench: str) -> np.ndarray:
     """The first ``max_bytes`` bytes of the concatenated files as int32 tokens."""
+    if max_bytes < MIN_BYTES:
+        raise DataError(f"bench {bench}: --max_bytes {max_bytes} is below the {MIN_BYTES} "
+                        f"bytes of text the benchmark needs")
     data = b""
     for path in paths:
         try:
@@ -47,9 +51,9 @@ def byte_tokens(paths: list[str], max_bytes: int, bench: str) -> np.ndarray:
             raise DataError(f"bench {bench}: cannot read text file {path}: {e}") from None
         if len(data) >= max_bytes:
             break
-    if len(data) < 10_000:
+    if len(data) < MIN_BYTES:
         raise DataError(f"bench {bench}: {paths} hold {len(data)} bytes; the benchmark "
-                        f"needs at least 10000 (pass a larger --text FILE)")
+                        f"needs at least {MIN_BYTES} (pass a larger --text FILE)")
     return np.frombuffer(data, np.uint8).astype(np.int32)
 
 
