@@ -21,18 +21,18 @@ def _reference(n, rhs):
     return jax.scipy.linalg.solve_triangular(jnp.eye(c) + jnp.tril(n, -1), rhs, lower=True)
 
 
-@pytest.mark.parametrize("c", [1, 2, 3, 8, 13, 32, 33])
+@pytest.mark.parametrize("c", [1, 3, 13, 32, 33])
 def test_inverse_and_solve_match_triangular_solve(c):
     n, rhs = _system(c)
-    inverse = unit_lower_inverse(n)
+    inverse = jax.jit(unit_lower_inverse)(n)
     np.testing.assert_allclose(inverse @ (jnp.eye(c) + n), np.broadcast_to(np.eye(c), n.shape),
                                atol=2e-5)
     np.testing.assert_array_equal(np.triu(np.asarray(inverse), 1), 0.0)
-    np.testing.assert_allclose(unit_lower_solve(n, rhs), _reference(n, rhs), rtol=1e-5,
+    np.testing.assert_allclose(jax.jit(unit_lower_solve)(n, rhs), _reference(n, rhs), rtol=1e-5,
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("c", [1, 5, 16, 32])
+@pytest.mark.parametrize("c", [1, 5, 32])
 def test_solve_gradients_match_triangular_solve(c):
     n, rhs = _system(c)
     weights = jax.random.normal(jax.random.key(7), rhs.shape)
@@ -40,7 +40,7 @@ def test_solve_gradients_match_triangular_solve(c):
     def loss(solve):
         return lambda n, r: jnp.sum(weights * jnp.sin(solve(n, r)))
 
-    got = jax.grad(loss(unit_lower_solve), (0, 1))(n, rhs)
+    got = jax.jit(jax.grad(loss(unit_lower_solve), (0, 1)))(n, rhs)
     want = jax.grad(loss(_reference), (0, 1))(n, rhs)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
