@@ -129,9 +129,12 @@ def test_chunk_size_one_is_per_token_recurrence_read_before_update():
     assert float(jnp.abs(y_c[:, 1] - y_a[:, 1]).max()) > 1e-4
 
 
-def test_streaming_segments_equal_one_pass():
-    """Segments of 5 and 6 tokens (not multiples of the chunk sizes 4 and 3)."""
-    fast, _ = make_pair(memory="mlp", chunk_size=4, memory_chunk_size=3)
+@pytest.mark.parametrize("window", [4, 1])
+def test_streaming_segments_equal_one_pass(window):
+    """Segments of 5 and 6 tokens (not multiples of the chunk sizes 4 and 3);
+    window 1: a convolution that carries no tail."""
+    fast, _ = make_pair(memory="mlp", chunk_size=4, memory_chunk_size=3,
+                        conv_window=window)
     run, _, params = jitted(fast)
     x = inputs(11)
     y, state = run(params, x)
@@ -173,6 +176,7 @@ def test_dgd_layer_chunk_matches_explicit_recurrence():
     (dict(chunk_size=0), "model.self_modifying.chunk_size"),
     (dict(dgd="yes"), "model.self_modifying.dgd"),
     (dict(speed=3), "model.self_modifying"),
+    (dict(lr=5.0, chunk_size=8, memory_chunk_size=4), "model.self_modifying.lr=5.0 must be"),
 ])
 def test_bad_config_raises_config_error(sm, key):
     with pytest.raises(ConfigError, match=key):

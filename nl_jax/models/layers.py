@@ -112,7 +112,7 @@ class CausalConv(nnx.Module):
         w = self.kernel[...].astype(x.dtype)
         t = x.shape[1]
         y = sum(xp[:, i:i + t] * w[i] for i in range(self.window))
-        return y, xp[:, -(self.window - 1):]
+        return y, xp[:, t:]     # the last window - 1 inputs (none for window 1)
 
 
 class SwiGLU(nnx.Module):

@@ -64,8 +64,9 @@ from the memories (k, v, q, eta, alpha) are unchanged.  Second bound
 (``grad_clip`` = G, default 0.25, 0 disables): each token's layer gradient
 ``delta_t a_t^T`` is scaled to Frobenius norm at most G (``|delta| |a|``), so
 ``|S_t|_F <= t lr G / C`` and, the DGD factor being a contraction
-(eigenvalues in [alpha - eta/C, alpha]), ``|W_T|_F <= |W_0|_F + T^2 lr G / C``
-whatever the inputs: the states cannot grow geometrically (without it the
+(eigenvalues in [alpha - eta/C, alpha], within [-1, 1] because ``lr <= C`` is
+required), ``|W_T|_F <= |W_0|_F + T^2 lr G / C`` whatever the inputs: the
+states cannot grow geometrically (without it the
 step still fed back through the unbounded second-layer input ``h`` and the
 self-generated targets: main memory 1e8 at step 34 of Hope tiny, then NaN).
 With C = 1 and no clipping this is the exact per-token recurrence.  Both paths
@@ -494,6 +495,13 @@ def _config(cfg) -> dict:
                               f"got {v!r}")
     if not isinstance(c["lr"], (int, float)) or c["lr"] < 0:
         raise ConfigError(f"model.self_modifying.lr must be a number >= 0, got {c['lr']!r}")
+    smallest = min(c["chunk_size"], c["memory_chunk_size"])
+    if c["lr"] > smallest:
+        # eta_t / C <= 1 keeps the DGD factor alpha I - (eta/C) a a^T a contraction,
+        # which the bound on the memory states relies on (module docstring).
+        raise ConfigError(f"model.self_modifying.lr={c['lr']} must be at most the smaller "
+                          f"chunk size ({smallest}): a per-token step eta/C above 1 makes "
+                          f"the DGD factor expanding and the memory states can diverge")
     clip = c["grad_clip"]
     if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
         raise ConfigError(f"model.self_modifying.grad_clip must be a number >= 0 (0: no "
