@@ -177,7 +177,9 @@ def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_signal(tmp_path, cache_flag,
     assert step >= 2
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM only (a preempted host); SIGINT takes the same handler, which the
+# single-process test above runs with both signals (CI time).
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])
 def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path, cache_flag, sig,
                                                              code):
     """Process 1 alone gets the signal: the processes agree at the next logging
