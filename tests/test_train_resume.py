@@ -91,7 +91,7 @@ def test_resume_with_incompatible_config_is_refused(runs, capsys):
                  "--config.levels.default.optimizer.schedule.warmup_steps=2"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "cannot resume" in err and "model.d_model (checkpoint: 32, now: 48)" in err
+    assert "cannot resume from" in err and "model.d_model (checkpoint: 32, now: 48)" in err
     assert "Traceback" not in err
 
 

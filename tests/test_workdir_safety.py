@@ -193,3 +193,11 @@ def test_eval_of_a_missing_workdir_creates_nothing(capsys, tmp_path):
 def test_help(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and out.startswith(f"usage: python -m nl_jax {command}")
+
+
+def test_eval_with_another_model_is_refused(trained, capsys):
+    _, workdir, _ = trained
+    code, _, err = run(capsys, "eval", "--workdir", workdir, "--batches", "1",
+                       "--config.model.d_model=48")
+    assert code == 2 and "cannot eval" in err
+    assert "model.d_model (checkpoint: 32, now: 48)" in err and "new --workdir" not in err

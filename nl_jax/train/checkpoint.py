@@ -96,9 +96,11 @@ class Checkpointer:
                 f"Move that folder away to use the previous checkpoint, or use a new "
                 f"--workdir") from None
 
-    def check_compatible(self, step: int, keys=RESUME_KEYS, verb: str = "resume") -> dict:
-        """Refuses a config that differs from the checkpoint's in ``keys``; returns
-        the checkpoint's config."""
+    def check_compatible(self, step: int, keys=RESUME_KEYS,
+                         action: str = "resume from") -> dict:
+        """Refuses a config that differs from the checkpoint's in ``keys``
+        (``action``: what was refused, e.g. "resume from", "eval"); returns the
+        checkpoint's config."""
         saved = self._read(step, "config", config=ocp.args.JsonRestore())["config"]
         diffs = []
         for key in keys:
@@ -106,9 +108,10 @@ class Checkpointer:
                                         key + ".")
         if diffs:
             raise CheckpointError(
-                f"cannot {verb} {self.directory} (step {step}): the config "
+                f"cannot {action} {self.directory} (step {step}): the config "
                 f"differs in {'; '.join(diffs)}. Use the same values"
-                + (", or a new --workdir to start a fresh run." if verb == "resume" else "."))
+                + (", or a new --workdir to start a fresh run." if keys is RESUME_KEYS
+                   else "."))
         return saved
 
     def restore(self, step: int, abstract_state: Any,

@@ -99,6 +99,7 @@ class Trainer:
         self.writer = metrics_lib.MetricsWriter(
             workdir, enabled=write_metrics and is_primary() and purpose == "train")
         self.resumed_from = None
+        self.saved_config = None     # the checkpoint's config, once restored
 
     # -- pieces -----------------------------------------------------------------
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -115,7 +116,7 @@ class Trainer:
         training = self.purpose == "train"
         self.saved_config = self.checkpointer.check_compatible(
             step, ckpt_lib.RESUME_KEYS if training else ckpt_lib.READ_KEYS,
-            "resume" if training else f"{self.purpose} with")
+            "resume from" if training else self.purpose)
         abstract = ckpt_lib.abstract_with_shardings(self.state, self.shardings)
         self.state, data_state = self.checkpointer.restore(step, abstract,
                                                            with_data=training)
@@ -167,9 +168,10 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     if start >= cfg.steps:
         # A finished run: nothing to do, and nothing already written is touched.
         trainer.checkpointer.close()
+        results = os.path.join(workdir, "final_metrics.json")
         say(f"nothing to do: {workdir} holds a checkpoint at step {start} and "
-            f"train.steps={cfg.steps}; raise --config.train.steps to train further "
-            f"(its results are in {os.path.join(workdir, 'final_metrics.json')})")
+            f"train.steps={cfg.steps}; raise --config.train.steps to train further"
+            + (f" (its results are in {results})" if os.path.exists(results) else ""))
         return {"step": start, "already_done": True}
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
