@@ -17,13 +17,19 @@
   period k > 1 averages its gradients over k steps and updates on steps
   k, 2k, ... (the same arithmetic as ``optax.MultiSteps``); on the other
   steps its update is zero and its optimizer is not run.  Period 1 keeps no
-  accumulation buffer.
-* ``optimizer`` is a spec for ``nl_jax.optim.build_optimizer``; its
-  learning-rate schedule runs over the level's own updates
-  (``total_steps // every`` of them).
+  accumulation buffer.  Note the mean: NL Eq. 71 writes the *sum* of the
+  chunk's gradients, so a learning rate taken from that form is k times the
+  one to use here.
+* ``optimizer`` is a spec for ``nl_jax.optim.build_optimizer``.  Its
+  learning-rate schedule counts the level's own updates, as
+  ``optax.MultiSteps`` does: it spans ``total_steps // every`` updates, so
+  for a level with period k, ``warmup_steps=w`` lasts w * k outer steps.
+  A frozen level may carry an optimizer spec (it is checked, then unused).
 
-Global-norm clipping (``grad_clip_norm > 0``) acts on the whole gradient
-before it is split between levels.
+Global-norm clipping (``grad_clip_norm > 0``) acts on the gradient of the
+trainable levels before it is split between them: frozen parameters'
+gradients are zeroed first, so they neither count in the norm nor scale the
+other levels' updates (``frozen_mask`` lets a train step skip computing them).
 """
 
 from __future__ import annotations
@@ -56,11 +62,12 @@ def every_k_steps(inner: optax.GradientTransformation, every: int
         return inner
 
     def init(params):
-        acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+        # fp32 accumulator whatever the parameter dtype: a bf16 running mean loses bits.
+        acc = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
         return PeriodicState(jnp.zeros((), jnp.int32), acc, inner.init(params))
 
     def update(grads, state, params=None):
-        acc = jax.tree.map(lambda g, a: a + (g - a) / (state.mini_step + 1),
+        acc = jax.tree.map(lambda g, a: a + (g.astype(jnp.float32) - a) / (state.mini_step + 1),
                            grads, state.acc_grads)
         emit = state.mini_step == every - 1
 
@@ -72,7 +79,7 @@ def every_k_steps(inner: optax.GradientTransformation, every: int
 
         def hold(operand):
             acc, inner_state = operand
-            return jax.tree.map(jnp.zeros_like, grads), acc, inner_state
+            return jax.tree.map(jnp.zeros_like, grads), acc, inner_state  # grads' dtypes
 
         updates, acc, inner_state = jax.lax.cond(emit, apply_inner, hold,
                                                  (acc, state.inner_state))
@@ -169,6 +176,8 @@ def build_levels(levels_cfg, params, *, total_steps: int, grad_clip_norm: float 
         level = _as_dict(level)
         every = _parse_every(name, level.get("every", 1))
         if every == FROZEN:
+            if "optimizer" in level:  # checked so a typo fails now, not when unfrozen
+                build_optimizer(level["optimizer"], 1, where=f"levels.{name}.optimizer")
             transforms[name] = optax.set_to_zero()
             continue
         if "optimizer" not in level:
@@ -179,8 +188,27 @@ def build_levels(levels_cfg, params, *, total_steps: int, grad_clip_norm: float 
     labels = lambda tree: _map_paths(owner.__getitem__, tree)  # noqa: E731
     partitioned = optax.partition(transforms, labels)
     if grad_clip_norm and grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(float(grad_clip_norm)), partitioned)
+        frozen = [n for n, t in transforms.items() if _is_frozen(levels_cfg, n)]
+        clip = optax.clip_by_global_norm(float(grad_clip_norm))
+        if frozen:
+            mask = lambda tree: _map_paths(lambda p: owner[p] in frozen, tree)  # noqa: E731
+            clip = optax.chain(optax.masked(optax.set_to_zero(), mask), clip)
+        return optax.chain(clip, partitioned)
     return partitioned
+
+
+def _is_frozen(levels_cfg, name: str) -> bool:
+    return _as_dict(levels_cfg[name]).get("every", 1) == FROZEN
+
+
+def frozen_mask(levels_cfg, params):
+    """A tree like ``params`` with True at the parameters of frozen levels.
+
+    A train step can ``stop_gradient`` these so their weight gradients are not
+    computed at all (they would be zeroed by ``build_levels`` anyway).
+    """
+    owner = assign_levels(levels_cfg, params)
+    return _map_paths(lambda p: _is_frozen(levels_cfg, owner[p]), params)
 
 
 def _find(state, kind):

@@ -200,6 +200,63 @@ def test_cache_holds_documents_separated_by_eos_and_is_reused(tmp_path, bpe, ali
     assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 2
 
 
+def test_a_damaged_cache_file_is_rebuilt_and_new_files_follow_the_umask(
+        tmp_path, bpe, alice_text):
+    folder = _corpus(tmp_path, alice_text, chunks=((0, 3000),))
+    files = [str(folder / "doc0.txt")]
+    first = token_cache.load_or_build(files, bpe, str(tmp_path / "cache"))
+    assert os.stat(first.path).st_mode & 0o777 == 0o666 & ~_umask()
+    expected = np.array(first.tokens)   # a copy: first.tokens maps the file damaged below
+    for damage in (b"", b"\x93NUMPY"):          # empty (a crash before the write) or cut
+        with open(first.path, "wb") as f:
+            f.write(damage)
+        again = token_cache.load_or_build(files, bpe, str(tmp_path / "cache"))
+        assert again.built
+        np.testing.assert_array_equal(again.tokens, expected)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_cache_key_covers_the_tokenizer_libraries(tmp_path, bpe, alice_text, monkeypatch):
+    folder = _corpus(tmp_path, alice_text, chunks=((0, 3000),))
+    files = [str(folder / "doc0.txt")]
+    key = token_cache.cache_key(files, bpe.fingerprint)
+    monkeypatch.setattr(token_cache, "_library_versions",
+                        lambda: {"tokenizers": "0.0.1", "sentencepiece": "0.0.1"})
+    assert token_cache.cache_key(files, bpe.fingerprint) != key
+
+
+def test_cache_entry_is_keyed_by_the_bytes_it_was_tokenized_from(
+        tmp_path, bpe, alice_text, monkeypatch):
+    """A file edited between the key's hash and the tokenization: the entry must be
+    stored under the edited bytes' key, never under the old contents' key."""
+    folder = _corpus(tmp_path, alice_text, chunks=((0, 3000),))
+    doc = folder / "doc0.txt"
+    files = [str(doc)]
+    old_key = token_cache.cache_key(files, bpe.fingerprint)
+    real = text_files.read_text_hashed
+
+    def edit_then_read(path):
+        doc.write_text(alice_text[5000:8000], encoding="utf-8")
+        return real(path)
+
+    monkeypatch.setattr(text_files, "read_text_hashed", edit_then_read)
+    built = token_cache.load_or_build(files, bpe, str(tmp_path / "cache"))
+    assert built.key == token_cache.cache_key(files, bpe.fingerprint) != old_key
+    np.testing.assert_array_equal(built.tokens, bpe.encode(alice_text[5000:8000]) + [bpe.eos_id])
+    names = [p.name for p in (tmp_path / "cache").glob("tokens-*.npy")]
+    assert names == [f"tokens-{built.key[:32]}.npy"]
+
+
+def test_special_token_text_in_a_document_is_not_an_end_of_document(bpe):
+    ids = bpe.encode("a <|endoftext|> b")
+    assert bpe.eos_id not in ids and bpe.decode(ids) == "a <|endoftext|> b"
+
+
 def test_cache_key_depends_on_the_tokenizer(tmp_path, bpe, alice_text):
     folder = _corpus(tmp_path, alice_text, chunks=((0, 3000),))
     _tiny_gpt2_files(tmp_path / "gpt2")
@@ -280,6 +337,8 @@ def test_state_round_trip_gives_the_same_next_batches(small_cfg, bpe):
     other_seed = pipeline.build_train_iterator(small_cfg, bpe, seed=2, base_dir=REPO)
     with pytest.raises(DataError, match="seed"):
         other_seed.set_state(state)
+    with pytest.raises(DataError, match=r"lacks \['corpus_key', 'seed'\]"):
+        resumed.set_state({k: v for k, v in state.items() if k not in ("seed", "corpus_key")})
 
 
 def test_two_processes_split_each_global_batch(small_cfg, bpe):
@@ -314,6 +373,23 @@ def test_eval_batches_are_deterministic_and_spread(small_cfg, bpe):
     many = pipeline.build_eval_batches(small_cfg, bpe, base_dir=REPO, num_batches=10**6)
     summary = pipeline.token_count_summary(small_cfg, bpe, base_dir=REPO)
     assert len(many) == summary["eval"]["batches_per_epoch"] > 3
+
+
+def test_held_out_files_equal_to_training_files_are_flagged(small_cfg, bpe, tmp_path,
+                                                             alice_text, caplog):
+    train = pipeline.build_train_iterator(small_cfg, bpe, seed=0, base_dir=REPO)
+    with caplog.at_level("WARNING"):
+        pipeline.build_eval_batches(small_cfg, bpe, base_dir=REPO, num_batches=1,
+                                    train_hashes=train.file_hashes)
+    assert "not held out" in caplog.text and "doc0.txt" in caplog.text
+    caplog.clear()
+    other = _corpus(tmp_path, alice_text, chunks=((30000, 45000),), name="heldout")
+    cfg = _data_cfg(small_cfg.train_files, small_cfg.cache_dir,
+                    eval_files=[str(other / "*.txt")])
+    with caplog.at_level("WARNING"):
+        pipeline.build_eval_batches(cfg, bpe, base_dir=REPO, num_batches=1,
+                                    train_hashes=train.file_hashes)
+    assert "not held out" not in caplog.text
 
 
 def test_default_config_builds_on_the_bundled_corpus(tmp_path, bpe):

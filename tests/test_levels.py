@@ -114,6 +114,31 @@ def test_global_norm_clipping_before_the_levels():
     np.testing.assert_allclose(u["b"], [0.0, -0.4], rtol=1e-6)
 
 
+def test_frozen_gradients_do_not_count_in_clipping():
+    """A frozen level's (large) gradient neither enters the norm nor scales the others."""
+    params = {"a": jnp.zeros(2), "f": jnp.zeros(2)}
+    tx = build_levels(dict(a=dict(params="a", every=1, optimizer=sgd()),
+                           f=dict(params="f", every="never")),
+                      params, total_steps=4, grad_clip_norm=1.0)
+    grads = {"a": jnp.array([0.6, 0.0]), "f": jnp.array([100.0, 0.0])}
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(u["a"], [-0.6, 0.0], rtol=1e-6)   # under the clip: unchanged
+    np.testing.assert_array_equal(u["f"], [0.0, 0.0])
+    grads = {"a": jnp.array([3.0, 4.0]), "f": jnp.array([100.0, 0.0])}
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(u["a"], [-0.6, -0.8], rtol=1e-6)  # clipped by its own norm 5
+
+
+def test_frozen_mask_marks_the_frozen_levels_parameters():
+    from nl_jax.levels import frozen_mask
+    levels = dict(norms=dict(params=".*norm.*", every="never"),
+                  rest=dict(params=".*", every=1, optimizer=sgd()))
+    levels = dict(norms=levels["norms"], rest=dict(levels["rest"], params="(?!.*norm).*"))
+    mask = frozen_mask(levels, tiny_params())
+    assert mask["blocks"][0]["norm"]["scale"] and mask["blocks"][1]["norm"]["scale"]
+    assert not mask["embed"] and not mask["blocks"][0]["mixer"]["wq"]["kernel"]
+
+
 def test_level_schedule_runs_over_its_own_updates():
     params = {"w": jnp.zeros(1)}
     spec = dict(name="sgd", learning_rate=1.0,
@@ -205,6 +230,12 @@ def test_unknown_hyperparameter_in_a_level():
     expect_error(dict(a=dict(params=".*", every=1,
                              optimizer=dict(name="m3", learning_rate=1e-3, beta=0.9))),
                  "levels.a.optimizer.beta", "'m3'", "slow_every")
+
+
+def test_frozen_level_optimizer_spec_is_still_checked():
+    expect_error(dict(a=dict(params=".*", every="never",
+                             optimizer=dict(name="adamx", learning_rate=1e-3))),
+                 "levels.a.optimizer.name", "'adamx'")
 
 
 @pytest.mark.parametrize("every", [0, -2, 1.5, "sometimes", True])

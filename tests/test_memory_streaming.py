@@ -50,6 +50,20 @@ def test_segments_equal_one_pass(kind, path):
     assert np.abs(np.asarray(state.momentum["w0"])).max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_bf16_state_passed_in_is_carried_in_fp32(kind):
+    inputs = random_inputs(2, B, 8, H, D, D)
+    spec = MemorySpec(kind=kind, chunk_size=4)
+    params = perturbed(init_memory_params(spec, jax.random.PRNGKey(0), H, D, D), 3)
+    state = initial_state(spec, params, B)
+    low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), state)
+    y_low, end_low = apply_memory(spec, params, *inputs, low)
+    y_ref, _ = apply_memory(spec, params, *inputs,
+                            jax.tree.map(lambda x: x.astype(jnp.float32), low))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(end_low))
+    np.testing.assert_array_equal(y_low, y_ref)
+
+
 def _hand_optax_loop(opt, w0, q, k, v, chunk):
     """One (batch, head): linear memory, l = ||W k - v||^2 summed over each chunk."""
     w, opt_state, ys = w0, opt.init(w0), []

@@ -1,5 +1,8 @@
 """Optimizers (nl_jax.optim) against their equations, with numbers worked out by hand."""
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +141,26 @@ def test_newton_schulz_converges_to_polar_factor():
     close(newton_schulz(arr(x.T), steps=40), (u @ vt).T, 1e-4)   # wide: other Gram
 
 
+def test_newton_schulz_orthogonalises_each_matrix_of_a_stack():
+    """[heads, d, d] (per-head memory states): heads are orthogonalised one by one,
+    so a head with a 10x larger gradient does not shrink the others."""
+    x = np.random.default_rng(3).normal(size=(3, 4, 4)).astype(np.float32)
+    x[1] *= 10
+    stacked = newton_schulz(arr(x), steps=40)
+    for h in range(3):
+        close(stacked[h], newton_schulz(arr(x[h]), steps=40), 1e-5)
+        close(stacked[h].T @ stacked[h], np.eye(4), 1e-3)
+
+
+def test_delta_momentum_treats_a_stack_as_separate_matrices():
+    from nl_jax.optim.momentum import delta_rule_decay
+    rng = np.random.default_rng(4)
+    m, g = (arr(rng.normal(size=(2, 3, 5))) for _ in range(2))
+    out = delta_rule_decay(m, g, 0.9)
+    for h in range(2):
+        close(out[h], m[h] @ (0.9 * np.eye(5) - g[h].T @ g[h]), 1e-5)
+
+
 def test_newton_schulz_optimizer_orthogonalises_matrices_only():
     spec = dict(name="newton_schulz", learning_rate=0.1, steps=1)
     (u,), _ = run(spec, [{"w": arr([[0, 3], [4, 0]]), "b": arr([2, -1])}],
@@ -257,6 +280,64 @@ def test_bad_values_are_config_errors():
                       schedule=dict(name="constant", warmup_steps=3))):
         with pytest.raises(ConfigError):
             build_optimizer(spec, 10)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    (dict(name="sgd", learning_rate=-1e-3), "learning_rate=-0.001 must be a finite number >= 0"),
+    (dict(name="adamw", learning_rate=1e-3, b2=1.0), "b2=1.0 must be a number in [0, 1)"),
+    (dict(name="muon", learning_rate=1e-3, b1=-0.1), "b1=-0.1 must be a number in [0, 1)"),
+    (dict(name="m3", learning_rate=1e-3, eps=float("nan")), "eps=nan must be a finite"),
+    (dict(name="momentum", learning_rate=1e-3, momentum=-0.5), "momentum=-0.5 must be")])
+def test_out_of_range_hyperparameters_are_named(spec, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_optimizer(spec, 10)
+
+
+def test_m3_weight_decay_without_params_is_an_error():
+    from nl_jax.optim.m3 import m3
+    tx = m3(0.1, weight_decay=0.1)
+    g = {"w": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match="weight_decay needs the parameters"):
+        tx.update(g, tx.init(g))
+    plain = m3(0.1)
+    plain.update(g, plain.init(g))   # no decay: params are not needed
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_eager_init_state_can_be_donated(name):
+    """tx.init outside jit, then a donated jitted step: no field may share a buffer."""
+    tx = build_optimizer(dict(name=name, learning_rate=0.01), 10)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones((2,))}
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=1)
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = step(params, state, params)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+
+def _scaled_params_step(tx, state, params):
+    return tx.update(jax.tree.map(lambda x: x * 0.1, params), state, params)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_bf16_params_keep_an_fp32_state_of_fixed_dtypes(name):
+    """Optimizer state stays fp32 and keeps its dtypes step after step, so a jitted
+    step never retraces and a bf16 level with every > 1 builds (lax.cond)."""
+    from nl_jax.levels import build_levels
+    params = {"w": jnp.full((3, 2), 0.5, jnp.bfloat16), "b": jnp.ones((2,), jnp.bfloat16)}
+    for every in (1, 3):
+        tx = build_levels(dict(a=dict(params=".*", every=every,
+                                      optimizer=dict(name=name, learning_rate=0.01))),
+                          params, total_steps=6)
+        state = tx.init(params)
+        dtypes = [x.dtype for x in jax.tree.leaves(state)]
+        assert all(d != jnp.bfloat16 for d in dtypes)
+        step = jax.jit(functools.partial(_scaled_params_step, tx))
+        for _ in range(3):
+            u, state = step(state, params)
+            assert [x.dtype for x in jax.tree.leaves(state)] == dtypes
+            assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
+        assert step._cache_size() == 1
 
 
 # -- checkpoint / resume exactness ---------------------------------------------------

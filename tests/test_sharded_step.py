@@ -56,3 +56,63 @@ def test_fsdp_tensor_mesh_step_equals_single_device():
     for key in ("params", "opt_state"):
         for a, b in zip(jax.tree.leaves(single[key]), jax.tree.leaves(sharded[key]), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+def _rules():
+    return tuple(tuple(r) for r in base.get_config().sharding.rules)
+
+
+def test_process_rows_accept_a_batch_split_across_processes():
+    """8 devices as 2 "processes" of 4: with the batch split 2 ways along the
+    process boundary, process p's devices hold exactly rows p*B/2 : (p+1)*B/2."""
+    from nl_jax.train.mesh import check_process_rows
+    mesh = make_mesh(dict(data=2, fsdp=1, tensor=4), jax.devices())
+    sharding = batch_sharding(mesh, _rules())
+    for p in range(2):
+        check_process_rows(sharding, 8, list(mesh.devices[p].flat), p, 2)
+
+
+def test_process_rows_refuse_tensor_parallelism_across_processes():
+    """Batch replicated over a tensor axis that spans both "processes": each would
+    feed different rows to copies that must be equal; a ConfigError names the fix."""
+    import pytest
+
+    from nl_jax.errors import ConfigError
+    from nl_jax.train.mesh import check_process_rows
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=8), jax.devices())
+    sharding = batch_sharding(mesh, _rules())
+    with pytest.raises(ConfigError, match=r"holds? batch rows 0:8, but its data is rows 0:4"):
+        check_process_rows(sharding, 8, list(mesh.devices.flat)[:4], 0, 2)
+
+
+def test_frozen_levels_get_no_gradient_and_stay_put():
+    """A train step with a frozen level: its parameters do not move, and the
+    logged grad_norm is that of the trainable levels only."""
+    from nl_jax import levels as levels_lib
+    from nl_jax.levels import param_paths
+    c = _config(1, 1)
+    levels = dict(norms=dict(params=".*norm.*", every="never"),
+                  rest=dict(params="(?!.*norm).*", every=1,
+                            optimizer=dict(name="sgd", learning_rate=0.5)))
+    mesh = make_mesh(c.mesh, jax.devices()[:1])
+    rules = tuple(tuple(r) for r in c.sharding.rules)
+    from nl_jax.train.state import abstract_model
+    _, abstract = abstract_model(c.model, 0)
+    opt = levels_lib.build_levels(levels, abstract, total_steps=4)
+    model_def, state, _ = init_train_state(c.model, opt, 0, mesh, rules)
+    mask = levels_lib.frozen_mask(levels, abstract)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 64, size=(4, 17)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    before = jax.tree.map(np.asarray, state["params"])
+    free = jax.jit(make_train_step(model_def, opt, mesh, rules))(state, batch)[1]
+    new, metrics = jax.jit(make_train_step(model_def, opt, mesh, rules, frozen=mask))(
+        state, batch)
+    paths = param_paths(before)
+    frozen = [p for p in paths if "norm" in p]
+    assert frozen and len(frozen) < len(paths)
+    moved = {p for p, a, b in zip(paths, jax.tree.leaves(before),
+                                  jax.tree.leaves(new["params"]), strict=True)
+             if not np.array_equal(a, np.asarray(b))}
+    assert moved == set(paths) - set(frozen)
+    assert 1e-3 < float(metrics["grad_norm"]) < float(free["grad_norm"])

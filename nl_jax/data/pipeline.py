@@ -3,8 +3,11 @@
 Windows.  The corpus is one token array (files in order, each followed by
 eos).  Window ``w`` is ``tokens[w*L : w*L + L + 1]`` for ``L = seq_len``:
 ``inputs`` are its first L tokens, ``targets`` its last L, so consecutive
-windows share one token and every token is a target exactly once.  A corpus
-of N tokens has ``(N - 1) // L`` windows.
+windows share one token and every token but the first is a target at most
+once per epoch.  A corpus of N tokens has ``(N - 1) // L`` windows; the last
+``(N - 1) mod L`` tokens fill no window and are never targets.  When the
+number of windows is not a multiple of the batch size, a batch that spans
+an epoch boundary may hold the same window twice (once from each epoch).
 
 Training stream.  Global batch ``i`` holds the window ids
 ``stream[i*B : (i+1)*B]`` (``B = data.batch_size``), where ``stream`` is the
@@ -155,6 +158,7 @@ class TrainBatchIterator:
         self._identity = {"seed": int(seed), "corpus_key": corpus_key,
                           "seq_len": int(seq_len), "batch_size": int(batch_size)}
         self.num_tokens = num_tokens
+        self.file_hashes: dict[str, str] = {}   # training file -> SHA-256, set by the builder
         self.num_windows = num_windows(num_tokens, seq_len)
 
     def __iter__(self) -> TrainBatchIterator:
@@ -170,8 +174,12 @@ class TrainBatchIterator:
         if "next_index" not in state:
             raise DataError(f"data iterator state {state!r} has no next_index; the "
                             f"checkpoint's data state is damaged")
+        missing = sorted(set(self._identity) - set(state))
+        if missing:
+            raise DataError(f"data iterator state {state!r} lacks {missing}; the "
+                            f"checkpoint's data state is damaged")
         changed = [f"{k} (checkpoint: {state[k]!r}, now: {v!r})"
-                   for k, v in self._identity.items() if k in state and state[k] != v]
+                   for k, v in self._identity.items() if state[k] != v]
         if changed:
             raise DataError(
                 f"the training data stream differs from the checkpoint's in "
@@ -198,8 +206,10 @@ def build_train_iterator(data_cfg, tokenizer, *, seed: int, base_dir: str,
     _require_windows(cache, seq_len, batch_size, "data.train_files", patterns)
     dataset = train_dataset(cache.tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
-    return TrainBatchIterator(dataset, seed=seed, corpus_key=cache.key, seq_len=seq_len,
-                              batch_size=batch_size, num_tokens=int(cache.tokens.size))
+    iterator = TrainBatchIterator(dataset, seed=seed, corpus_key=cache.key, seq_len=seq_len,
+                                  batch_size=batch_size, num_tokens=int(cache.tokens.size))
+    iterator.file_hashes = dict(zip(cache.files, cache.file_hashes, strict=True))
+    return iterator
 
 
 def eval_window_ids(total_windows: int, count: int) -> np.ndarray:
@@ -209,11 +219,14 @@ def eval_window_ids(total_windows: int, count: int) -> np.ndarray:
 
 def build_eval_batches(data_cfg, tokenizer, *, base_dir: str, num_batches: int,
                        files: Sequence[str] | None = None, process_index: int = 0,
-                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                       process_count: int = 1, train_hashes: dict[str, str] | None = None
+                       ) -> list[dict[str, np.ndarray]]:
     """Held-out batches from data.eval_files (or `files`), the same on every call.
 
     Gives min(num_batches, windows // batch_size) global batches of windows
     spread evenly over the corpus; each process keeps its rows, as in training.
+    ``train_hashes`` ({training file: SHA-256}) turns on a warning for held-out
+    files whose bytes are also a training file (the loss would not be held out).
     """
     seq_len = _positive_int(data_cfg, "seq_len")
     batch_size = _positive_int(data_cfg, "batch_size")
@@ -225,6 +238,14 @@ def build_eval_batches(data_cfg, tokenizer, *, base_dir: str, num_batches: int,
     cache = corpus_tokens(patterns, tokenizer, base_dir=base_dir,
                           cache_dir=resolve_cache_dir(data_cfg, base_dir), key=key)
     total = _require_windows(cache, seq_len, batch_size, key, patterns)
+    if train_hashes:
+        by_hash = {h: f for f, h in train_hashes.items()}
+        shared = [(f, by_hash[h]) for f, h in zip(cache.files, cache.file_hashes, strict=True)
+                  if h in by_hash]
+        if shared:
+            log.warning("%s: %d held-out file(s) are byte-identical to training files, so "
+                        "the evaluation is not held out: %s", key, len(shared),
+                        "; ".join(f"{e} == {t}" for e, t in shared[:3]))
     count = min(num_batches, total // batch_size)
     if count < num_batches:
         log.warning("%s has windows for %d evaluation batches, not %d; using %d",

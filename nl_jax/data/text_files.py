@@ -66,6 +66,11 @@ def file_sha256(path: str) -> str:
 
 def read_text(path: str) -> str:
     """The file's text: strict UTF-8, BOM stripped, CRLF -> LF; never empty."""
+    return read_text_hashed(path)[0]
+
+
+def read_text_hashed(path: str) -> tuple[str, str]:
+    """``read_text(path)`` and the hex SHA-256 of the very bytes it decoded."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -84,4 +89,4 @@ def read_text(path: str) -> str:
     if not text.strip():
         what = "is empty (0 bytes)" if not raw else "holds only whitespace"
         raise DataError(f"{path} {what}; remove it from the file list or give it text")
-    return text
+    return text, hashlib.sha256(raw).hexdigest()

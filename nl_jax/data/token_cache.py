@@ -4,15 +4,19 @@ The files are read with `text_files.read_text`, tokenized one file (one
 document) at a time, each followed by the tokenizer's eos id, and
 concatenated.  The array is saved as ``tokens-<key>.npy`` (uint16 when the
 vocabulary fits, else uint32) next to a ``.json`` describing it.  The key
-hashes the tokenizer fingerprint and the SHA-256 of every file's bytes in
-order, so an edited file or another tokenizer gives a new cache entry and an
-unchanged corpus is never tokenized twice.
+hashes the tokenizer fingerprint, the tokenizer libraries' versions and the
+SHA-256 of every file's bytes in order, so an edited file or another
+tokenizer gives a new cache entry and an unchanged corpus is never tokenized
+twice.  An entry is stored under the hashes of the bytes it was tokenized
+from, so a file edited while the cache is built cannot leave a stale entry
+under the new contents' key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -23,7 +27,19 @@ import numpy as np
 from nl_jax.data import text_files
 from nl_jax.errors import DataError
 
-CACHE_FORMAT = 1
+# Bump when code that shapes the tokens changes: text_files.read_text's
+# normalisation or how tokenizer.py builds a tokenizer from its files.
+CACHE_FORMAT = 2
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("tokenizers", "sentencepiece"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +51,7 @@ class TokenCache:
     path: str | None
     files: tuple[str, ...]
     built: bool
+    file_hashes: tuple[str, ...] = ()   # SHA-256 of each file's bytes, in `files` order
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -42,26 +59,46 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def cache_key(files: Sequence[str], tokenizer_fingerprint: str) -> str:
-    """Hex key of (format, tokenizer, contents of the files in order)."""
+def cache_key(files: Sequence[str], tokenizer_fingerprint: str,
+              file_hashes: Sequence[str] | None = None) -> str:
+    """Hex key of (format, tokenizer, library versions, contents of the files in order).
+
+    ``file_hashes`` (SHA-256 of each file's bytes) are computed when not given.
+    """
+    if file_hashes is None:
+        file_hashes = [text_files.file_sha256(f) for f in files]
     description = {"format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint,
-                   "files": [text_files.file_sha256(f) for f in files]}
+                   "libraries": _library_versions(), "files": list(file_hashes)}
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def tokenize_files(files: Sequence[str], tokenizer) -> np.ndarray:
-    """Concatenated tokens of the files, each followed by `tokenizer.eos_id`."""
+def tokenize_files_hashed(files: Sequence[str], tokenizer) -> tuple[np.ndarray, list[str]]:
+    """Concatenated tokens of the files (each followed by `tokenizer.eos_id`) and the
+    SHA-256 of the bytes each file's tokens came from."""
     dtype = token_dtype(tokenizer.vocab_size)
-    parts = []
+    parts, hashes = [], []
     for path in files:
-        ids = tokenizer.encode(text_files.read_text(path))
+        text, sha = text_files.read_text_hashed(path)
+        ids = tokenizer.encode(text)
         ids.append(tokenizer.eos_id)
         parts.append(np.asarray(ids, dtype=np.int64))
+        hashes.append(sha)
     tokens = np.concatenate(parts)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
         raise DataError(f"tokenizer {tokenizer.fingerprint} produced ids outside "
                         f"[0, {tokenizer.vocab_size}); the tokenizer file is inconsistent")
-    return tokens.astype(dtype)
+    return tokens.astype(dtype), hashes
+
+
+def tokenize_files(files: Sequence[str], tokenizer) -> np.ndarray:
+    """Concatenated tokens of the files, each followed by `tokenizer.eos_id`."""
+    return tokenize_files_hashed(files, tokenizer)[0]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_atomically(directory: str, name: str, write) -> str:
@@ -70,6 +107,9 @@ def _write_atomically(directory: str, name: str, write) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the bytes
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would lock out other users
         os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
@@ -81,7 +121,7 @@ def _write_atomically(directory: str, name: str, write) -> str:
 def _load_cached(path: str, dtype: np.dtype) -> np.ndarray | None:
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # unreadable, truncated or empty: rebuild
         return None
     if tokens.ndim != 1 or tokens.dtype != dtype or tokens.size == 0:
         return None
@@ -95,26 +135,35 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
     build the same entry at once: each writes a temporary file and renames it.
     """
     files = tuple(files)
-    key = cache_key(files, tokenizer.fingerprint)
     dtype = token_dtype(tokenizer.vocab_size)
     if cache_dir is None:
-        return TokenCache(tokenize_files(files, tokenizer), key, None, files, built=True)
+        tokens, hashes = tokenize_files_hashed(files, tokenizer)
+        return TokenCache(tokens, cache_key(files, tokenizer.fingerprint, hashes), None,
+                          files, built=True, file_hashes=tuple(hashes))
+    hashes = [text_files.file_sha256(f) for f in files]
+    key = cache_key(files, tokenizer.fingerprint, hashes)
     name = f"tokens-{key[:32]}"
     path = os.path.join(cache_dir, name + ".npy")
     if os.path.isfile(path):
         tokens = _load_cached(path, dtype)
         if tokens is not None:
-            return TokenCache(tokens, key, path, files, built=False)
-    tokens = tokenize_files(files, tokenizer)
+            return TokenCache(tokens, key, path, files, built=False,
+                              file_hashes=tuple(hashes))
+    tokens, hashes = tokenize_files_hashed(files, tokenizer)
+    key = cache_key(files, tokenizer.fingerprint, hashes)  # the bytes actually tokenized
+    name = f"tokens-{key[:32]}"
+    path = os.path.join(cache_dir, name + ".npy")
     try:
         os.makedirs(cache_dir, exist_ok=True)
         _write_atomically(cache_dir, name + ".npy", lambda f: np.save(f, tokens))
         meta = {"format": CACHE_FORMAT, "key": key, "tokenizer": tokenizer.fingerprint,
                 "num_tokens": int(tokens.size), "dtype": dtype.name,
-                "files": [{"path": p, "sha256": text_files.file_sha256(p)} for p in files]}
+                "libraries": _library_versions(),
+                "files": [{"path": p, "sha256": h} for p, h in zip(files, hashes, strict=True)]}
         _write_atomically(cache_dir, name + ".json",
                           lambda f: f.write(json.dumps(meta, indent=1).encode()))
     except OSError as e:
         raise DataError(f"cannot write the token cache in {cache_dir}: {e.strerror}; set "
                         f"data.cache_dir to a writable folder") from e
-    return TokenCache(np.load(path, mmap_mode="r"), key, path, files, built=True)
+    return TokenCache(np.load(path, mmap_mode="r"), key, path, files, built=True,
+                      file_hashes=tuple(hashes))

@@ -64,6 +64,9 @@ class HFTokenizer:
     """A Hugging Face `tokenizers.Tokenizer` (covers ``bpe_json`` and ``gpt2``)."""
 
     def __init__(self, hf_tokenizer, *, fingerprint: str, source: str):
+        # Special tokens written in the text ("<|endoftext|>" in a document) are
+        # encoded as text: only the pipeline places end-of-document ids.
+        hf_tokenizer.encode_special_tokens = True
         self._tok = hf_tokenizer
         self.vocab_size = int(hf_tokenizer.get_vocab_size(with_added_tokens=True))
         self.fingerprint = fingerprint

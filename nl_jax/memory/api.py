@@ -114,7 +114,8 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
       q, k: ``[B, T, H, d_k]``; v: ``[B, T, H, d_v]``.
       theta, eta, alpha: ``[B, T, H]`` in (0, 1): inner learning rate, momentum
         decay, forget rate (M_t = (1 - alpha_t) M_{t-1} + S_t).
-      state: the state after the previous segment, or None for a fresh memory.
+      state: the state after the previous segment, or None for a fresh memory;
+        kept in fp32 (a lower-precision state passed in is upcast).
 
     Returns:
       y ``[B, T, H, d_v]`` fp32 with y_t = M_t(q_t), and the final state.
@@ -124,6 +125,8 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
     check_dims(spec, d_k, d_v)
     if state is None:
         state = initial_state(spec, init_params, b)
+    else:
+        state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), state)
     c = spec.chunk_size
     n = -(-t // c)
     if spec.path == "chunked" and linear_chunked.supports(spec):

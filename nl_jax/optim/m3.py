@@ -16,8 +16,12 @@ first chunk runs on the fast momentum only.  NS is the Newton-Schulz gradient
 step of Eq. 43-44 (``newton_schulz``).
 
 Non-matrix parameters (biases, norm scales: ndim < 2) have no orthogonal
-factor; they take the same recursion with NS replaced by the identity, which
-is an Adam-style path: (M1 + alpha M2) / (sqrt(V) + eps).
+factor; they take the same recursion with NS replaced by the identity:
+(M1 + alpha M2) / (sqrt(V) + eps).  With Algorithm 1's plain sums this is
+not Adam's bounded ratio: for a steady gradient g it is about
+b1 t g / sqrt(b2 t g^2) ~ sqrt(t), and the matrix path's O / sqrt(V) shrinks
+like 1 / sqrt(t).  Decays < 1 (as in experiments/optimizers/m3.py) keep
+both bounded.  Tensors with ndim >= 3 are stacks of matrices (per head).
 
 ``weight_decay`` (decoupled, scaled by lr) needs ``params`` in ``update``.
 """
@@ -52,8 +56,9 @@ def m3(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9,
         return newton_schulz(x, ns_steps, ns_step_size) if is_matrix(x) else x
 
     def init(params):
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-        return M3State(jnp.zeros((), jnp.int32), zeros, zeros, zeros, zeros, zeros)
+        # A fresh buffer per field: shared buffers could not all be donated to a jitted step.
+        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)  # noqa: E731
+        return M3State(jnp.zeros((), jnp.int32), zeros(), zeros(), zeros(), zeros(), zeros())
 
     def update(grads, state, params=None):
         count = state.count + 1
@@ -65,6 +70,9 @@ def m3(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9,
             fast, state.slow_out, second)
         if params is not None:
             direction = jax.tree.map(lambda d, p: d + weight_decay * p, direction, params)
+        elif not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+            raise ValueError("m3: weight_decay needs the parameters; call "
+                             "update(grads, state, params)")
         updates = jax.tree.map(lambda d: -learning_rate * d, direction)
         chunk = jax.tree.map(jnp.add, state.chunk, grads)
 

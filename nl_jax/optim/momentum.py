@@ -54,8 +54,8 @@ def preconditioned_momentum(learning_rate, momentum: float = 0.9, b2: float = 0.
     """
 
     def init(params):
-        zeros = _zeros_like(params)
-        return PreconditionedMomentumState(jnp.zeros((), jnp.int32), zeros, zeros)
+        return PreconditionedMomentumState(jnp.zeros((), jnp.int32), _zeros_like(params),
+                                           _zeros_like(params))
 
     def update(grads, state, params=None):
         del params
@@ -71,16 +71,19 @@ def preconditioned_momentum(learning_rate, momentum: float = 0.9, b2: float = 0.
 
 
 def delta_rule_decay(m: jax.Array, g: jax.Array, decay) -> jax.Array:
-    """m (a I - G^T G) with m, G viewed as [rows, last dim] matrices (Eq. 49).
+    """m (a I - G^T G) per matrix (Eq. 49).
 
-    Computed as a m - (m G^T) G or a m - m (G^T G), whichever Gram is smaller.
+    A vector is one row, a scalar a 1 x 1 matrix, a tensor with ndim >= 3 a
+    stack of matrices over its leading axes (e.g. per-head states).  Computed
+    as a m - (m G^T) G or a m - m (G^T G), whichever Gram is smaller.
     """
     shape = m.shape
-    m2 = m.reshape(-1, shape[-1]) if m.ndim else m.reshape(1, 1)
-    g2 = g.reshape(m2.shape).astype(jnp.float32)
-    rows, cols = m2.shape
-    projected = (m2 @ g2.T) @ g2 if rows < cols else m2 @ (g2.T @ g2)
-    return (decay * m2 - projected).reshape(shape)
+    m3 = m.reshape(-1, *shape[-2:]) if m.ndim >= 2 else m.reshape(1, 1, -1)
+    g3 = g.reshape(m3.shape).astype(jnp.float32)
+    rows, cols = m3.shape[-2:]
+    t = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
+    projected = (m3 @ t(g3)) @ g3 if rows < cols else m3 @ (t(g3) @ g3)
+    return (decay * m3 - projected).reshape(shape)
 
 
 def delta_momentum(learning_rate, momentum: float = 0.9) -> optax.GradientTransformation:
@@ -89,9 +92,10 @@ def delta_momentum(learning_rate, momentum: float = 0.9) -> optax.GradientTransf
     One gradient step on the L2 inner objective 1/2 ||m G^T - P||^2 (the delta
     rule on momentum): past momentum along the current gradient's directions
     is forgotten before the new gradient is written.  Each parameter is viewed
-    as a matrix whose rows are keys of the last-axis size; a vector is a single
-    row (m (a I - g g^T) = a m - (m . g) g).  The map a I - G^T G contracts
-    when ||G||_2 <= 1, e.g. under global-norm clipping at 1.
+    as a matrix whose rows are keys of the last-axis size (a stack of them for
+    ndim >= 3); a vector is a single row (m (a I - g g^T) = a m - (m . g) g).
+    The map a I - G^T G contracts when ||G||_2 <= 1, e.g. under global-norm
+    clipping at 1.
     """
 
     def init(params):

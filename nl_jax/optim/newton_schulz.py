@@ -14,9 +14,18 @@ O <- 3/2 O - 1/2 O O^T O (quadratic convergence at singular value 1).  The
 input is first scaled to unit Frobenius norm so every singular value lies in
 (0, 1], inside the basin of convergence.
 
-Tensors with ndim >= 2 are viewed as matrices [prod(leading dims), last dim];
-vectors and scalars (biases, norm scales) have no matrix structure and are
-returned unchanged by ``scale_by_newton_schulz``.
+A 2-D tensor is one matrix; a tensor with ndim >= 3 is a stack of matrices
+over its leading axes (e.g. per-head memory initial states [heads, d, d]),
+each orthogonalised on its own.  Vectors and scalars (biases, norm scales)
+have no matrix structure and are returned unchanged by
+``scale_by_newton_schulz``.
+
+Convergence: after Frobenius normalisation an n x n input's singular values
+are about 1/sqrt(n) on average and the cubic step grows small ones only by
+(1 + eta) per step, so 5 steps leave the output far from orthogonal at large
+widths (measured median singular value of NS_5(Gaussian): 0.66 at 64x64,
+0.37 at 256x256, 0.19 at 1024x1024).  The update's scale therefore shrinks
+with width; raise ``steps`` where an orthogonal factor is wanted.
 """
 
 from __future__ import annotations
@@ -33,14 +42,18 @@ def is_matrix(x) -> bool:
 
 def newton_schulz(x: jax.Array, steps: int = 5, step_size: float = 0.5,
                   eps: float = 1e-7) -> jax.Array:
-    """``steps`` gradient steps on 1/4 ||O^T O - I||^2 from O_0 = x / ||x||_F (Eq. 43-44)."""
+    """``steps`` gradient steps on 1/4 ||O^T O - I||^2 from O_0 = x / ||x||_F (Eq. 43-44).
+
+    ``x`` is a matrix or a stack of matrices over its leading axes.
+    """
     shape, dtype = x.shape, x.dtype
-    o = x.astype(jnp.float32).reshape(-1, shape[-1])
-    o = o / (jnp.linalg.norm(o) + eps)
-    rows, cols = o.shape
+    o = x.astype(jnp.float32).reshape(-1, *shape[-2:])
+    o = o / (jnp.linalg.norm(o, axis=(-2, -1), keepdims=True) + eps)
+    rows, cols = shape[-2:]
+    t = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
     for _ in range(steps):
         # O O^T O computed through the smaller Gram matrix; same value either way.
-        o_oto = (o @ o.T) @ o if rows <= cols else o @ (o.T @ o)
+        o_oto = (o @ t(o)) @ o if rows <= cols else o @ (t(o) @ o)
         o = o - step_size * (o_oto - o)
     return o.reshape(shape).astype(dtype)
 

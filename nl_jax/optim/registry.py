@@ -20,9 +20,11 @@ Eq. 33, ``weight_decay`` decoupled weight decay.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -39,18 +41,47 @@ class OptimizerBuilder:
     """``factory(learning_rate, **hyperparameters)`` with its defaults.
 
     ``static`` names the hyperparameters that fix shapes or loop counts; they
-    are Python values, not injected arrays.
+    are Python values, not injected arrays.  ``below_one`` names the
+    moving-average coefficients that must lie in [0, 1).
     """
 
     factory: Callable[..., optax.GradientTransformation]
     defaults: Mapping[str, Any]
     static: tuple[str, ...] = ()
+    below_one: tuple[str, ...] = ()
 
     def __call__(self, learning_rate, **hyperparameters) -> optax.GradientTransformation:
         args = {**self.defaults, **hyperparameters}
-        return optax.inject_hyperparams(self.factory, static_args=self.static,
-                                        hyperparam_dtype=jnp.float32)(
-            learning_rate=learning_rate, **args)
+        return with_fp32_state(optax.inject_hyperparams(
+            self.factory, static_args=self.static, hyperparam_dtype=jnp.float32)(
+                learning_rate=learning_rate, **args))
+
+
+def _to_fp32(tree):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32)
+        if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def with_fp32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``inner`` in fp32 whatever the parameter dtype (bf16 params included).
+
+    The optimizer state is created from fp32 views of the parameters and the
+    gradients are upcast before the update, so the state keeps one dtype
+    across steps (no retrace, donation-safe, exact resume); the updates are
+    cast back to the gradients' dtypes.
+    """
+
+    def init(params):
+        return inner.init(_to_fp32(params))
+
+    def update(grads, state, params=None):
+        updates, state = inner.update(_to_fp32(grads), state,
+                                      None if params is None else _to_fp32(params))
+        updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, grads)
+        return updates, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def _adamw(learning_rate, b1, b2, eps, weight_decay):
@@ -77,18 +108,19 @@ def _newton_schulz(learning_rate, momentum, steps, step_size):
 
 OPTIMIZERS: dict[str, OptimizerBuilder] = {
     "adamw": OptimizerBuilder(
-        _adamw, dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)),
+        _adamw, dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0), below_one=("b1", "b2")),
     "sgd": OptimizerBuilder(_sgd, {}),
     "momentum": OptimizerBuilder(momentum_lib.momentum, dict(momentum=0.9)),
     "preconditioned_momentum": OptimizerBuilder(
-        momentum_lib.preconditioned_momentum, dict(momentum=0.9, b2=0.999, eps=1e-8)),
+        momentum_lib.preconditioned_momentum, dict(momentum=0.9, b2=0.999, eps=1e-8),
+        below_one=("b2",)),
     "delta_momentum": OptimizerBuilder(momentum_lib.delta_momentum, dict(momentum=0.9)),
     "dmgd": OptimizerBuilder(
         dmgd_lib.dmgd, dict(momentum=0.9, mlp_lr_scale=1.0, init_scale=1.0, hidden=8,
                             seed=0), static=("hidden", "seed")),
     "muon": OptimizerBuilder(
         _muon, dict(b1=0.95, b2=0.999, eps=1e-8, weight_decay=0.0, ns_steps=5,
-                    nesterov=True), static=("ns_steps", "nesterov")),
+                    nesterov=True), static=("ns_steps", "nesterov"), below_one=("b1", "b2")),
     "newton_schulz": OptimizerBuilder(
         _newton_schulz, dict(momentum=0.0, steps=5, step_size=0.5), static=("steps",)),
     "m3": OptimizerBuilder(
@@ -111,7 +143,7 @@ def _as_dict(spec) -> dict:
 INTEGER_MINIMUM = {"ns_steps": 1, "steps": 1, "slow_every": 1, "hidden": 0, "seed": 0}
 
 
-def _check_value(where: str, key: str, value, default) -> None:
+def _check_value(where: str, key: str, value, default, below_one: bool = False) -> None:
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
     elif key in INTEGER_MINIMUM:
@@ -119,8 +151,9 @@ def _check_value(where: str, key: str, value, default) -> None:
               and value >= INTEGER_MINIMUM[key])
         want = f"an integer >= {INTEGER_MINIMUM[key]}"
     else:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        want = "a number"
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value) and value >= 0 and (value < 1 or not below_one))
+        want = "a number in [0, 1)" if below_one else "a finite number >= 0"
     if not ok:
         raise ConfigError(f"{where}.{key}={value!r} must be {want}")
 
@@ -148,7 +181,7 @@ def build_optimizer(spec, total_steps: int, *, where: str = "optimizer"
         if key not in builder.defaults:
             raise ConfigError(f"{where}.{key}: unknown hyperparameter {key!r} for optimizer "
                               f"{name!r}; allowed: {allowed}")
-        _check_value(where, key, value, builder.defaults[key])
+        _check_value(where, key, value, builder.defaults[key], key in builder.below_one)
     if schedule_spec is not None and hasattr(schedule_spec, "to_dict"):
         schedule_spec = schedule_spec.to_dict()
     schedule = build_schedule(schedule_spec, peak, total_steps, where=f"{where}.schedule")

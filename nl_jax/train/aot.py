@@ -64,7 +64,9 @@ def preflight(config, topology: str) -> dict[str, Any]:
     shape = (config.data.batch_size, config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=b_shard)
              for k in ("inputs", "targets")}
-    step = jax.jit(make_train_step(model_def, optimizer, mesh, rules, levels_lib.level_metrics),
+    frozen = levels_lib.frozen_mask(config.levels, abstract_params)
+    step = jax.jit(make_train_step(model_def, optimizer, mesh, rules, levels_lib.level_metrics,
+                                   frozen),
                    in_shardings=(shardings, b_shard),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     compiled = step.lower(state, batch).compile()

@@ -19,7 +19,7 @@ from nl_jax.errors import ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
 from nl_jax.train.distributed import agreed_max, is_primary
-from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
+from nl_jax.train.mesh import batch_sharding, check_process_rows, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, init_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
 
@@ -74,8 +74,13 @@ class Trainer:
         self.num_params = count_params(self.state["params"])
 
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        check_process_rows(self.batch_sharding, config.data.batch_size,
+                           [d for d in self.mesh.devices.flat
+                            if d.process_index == jax.process_index()],
+                           jax.process_index(), jax.process_count())
         step_fn = make_train_step(self.model_def, self.optimizer, self.mesh, self.rules,
-                                  levels_lib.level_metrics)
+                                  levels_lib.level_metrics,
+                                  levels_lib.frozen_mask(config.levels, abstract_params))
         self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, replicated(self.mesh)),
                                   donate_argnums=0)
@@ -86,11 +91,11 @@ class Trainer:
             config.data, self.tokenizer, seed=config.train.seed, base_dir=root,
             process_index=jax.process_index(), process_count=jax.process_count())
             if purpose == "train" else None)
-        self.eval_batches = (build_eval_batches(config.data, self.tokenizer, base_dir=root,
-                                                num_batches=config.train.eval_batches,
-                                                process_index=jax.process_index(),
-                                                process_count=jax.process_count())
-                             if config.train.eval_batches and purpose != "generate" else [])
+        self.eval_batches = (build_eval_batches(
+            config.data, self.tokenizer, base_dir=root, num_batches=config.train.eval_batches,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            train_hashes=self.data.file_hashes if self.data else None)
+            if config.train.eval_batches and purpose != "generate" else [])
         # Nothing is written to the workdir before here: a config or data mistake
         # leaves no empty folder behind.
         self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,

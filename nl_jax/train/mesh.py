@@ -10,6 +10,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nl_jax.config import resolve_mesh_shape
+from nl_jax.errors import ConfigError
 from nl_jax.sharding import logical_to_mesh_spec
 
 
@@ -42,6 +43,31 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> Any:
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), rules, mesh.axis_names))
+
+
+def check_process_rows(sharding: NamedSharding, batch_size: int, devices, process_index: int,
+                       process_count: int) -> None:
+    """Checks that ``devices`` (one process's) hold exactly its rows of the batch.
+
+    The data pipeline gives process p the rows ``p*B/P : (p+1)*B/P``; the batch
+    sharding must place those rows, and only those, on p's devices.  It does
+    not when the batch is split over fewer mesh slices than there are
+    processes (e.g. a tensor-parallel axis spanning hosts).
+    """
+    local = batch_size // process_count
+    want = set(range(process_index * local, (process_index + 1) * local))
+    index_map = sharding.devices_indices_map((batch_size, 1))
+    held: set[int] = set()
+    for device in devices:
+        held.update(range(*index_map[device][0].indices(batch_size)))
+    if held != want:
+        got = f"{min(held)}:{max(held) + 1}" if held else "none"
+        raise ConfigError(
+            f"mesh {dict(sharding.mesh.shape)} over {process_count} processes: process "
+            f"{process_index}'s devices hold batch rows {got}, but its data is rows "
+            f"{min(want)}:{max(want) + 1}; the batch axes (mesh.data * mesh.fsdp) must be "
+            f"split across processes: make them a multiple of the process count and keep "
+            f"mesh.tensor within one host")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

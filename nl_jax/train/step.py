@@ -20,13 +20,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
 
 
 def make_train_step(model_def, optimizer: optax.GradientTransformation, mesh, rules,
-                    level_metrics: Callable[[Any], dict] | None = None):
+                    level_metrics: Callable[[Any], dict] | None = None, frozen=None):
     """``state, metrics = step(state, batch)``: one optimizer step.
 
-    Not yet jitted: the caller jits with in/out shardings and donation.
+    ``frozen`` (from ``levels.frozen_mask``) marks parameters whose gradients
+    are not needed.  Not yet jitted: the caller jits with in/out shardings and
+    donation.
     """
 
     def loss_fn(params, batch):
+        if frozen is not None:  # frozen levels: no weight gradients computed
+            params = jax.tree.map(
+                lambda f, sub: jax.tree.map(jax.lax.stop_gradient, sub) if f else sub,
+                frozen, params)
         model = model_def.bind(params)
         logits, _ = model(batch["inputs"])
         total, count = cross_entropy(logits, batch["targets"])
