@@ -215,6 +215,19 @@ def test_a_damaged_cache_file_is_rebuilt_and_new_files_follow_the_umask(
         np.testing.assert_array_equal(again.tokens, expected)
 
 
+def test_a_bad_file_mid_build_leaves_no_cache_entry_or_folder(tmp_path, bpe, alice_text):
+    folder = _corpus(tmp_path, alice_text, chunks=((0, 3000), (3000, 6000)))
+    (folder / "doc1.txt").write_bytes(b"caf\xe9")              # Latin-1, not UTF-8
+    files = [str(folder / "doc0.txt"), str(folder / "doc1.txt")]
+    with pytest.raises(DataError, match=r"doc1\.txt is not valid UTF-8"):
+        token_cache.load_or_build(files, bpe, str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(DataError):
+        token_cache.load_or_build(files, bpe, str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == []         # no partial or temp file
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -3,7 +3,9 @@
 The files are read with `text_files.read_text`, tokenized one file (one
 document) at a time, each followed by the tokenizer's eos id, and
 concatenated.  The array is saved as ``tokens-<key>.npy`` (uint16 when the
-vocabulary fits, else uint32) next to a ``.json`` describing it.  The key
+vocabulary fits, else uint32) next to a ``.json`` describing it; it is
+streamed to disk file by file (memory O(largest file), not O(corpus)) and
+read back memory-mapped.  The key
 hashes the tokenizer fingerprint, the tokenizer libraries' versions and the
 SHA-256 of every file's bytes in order, so an edited file or another
 tokenizer gives a new cache entry and an unchanged corpus is never tokenized
@@ -14,9 +16,11 @@ under the new contents' key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import tempfile
@@ -72,27 +76,59 @@ def cache_key(files: Sequence[str], tokenizer_fingerprint: str,
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
+def _file_tokens(path: str, tokenizer, dtype: np.dtype) -> tuple[np.ndarray, str]:
+    """One document's ids followed by eos, and the SHA-256 of the bytes they came from."""
+    text, sha = text_files.read_text_hashed(path)
+    ids = np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+        raise DataError(f"tokenizer {tokenizer.fingerprint} produced ids outside "
+                        f"[0, {tokenizer.vocab_size}) on {path}; the tokenizer file is "
+                        f"inconsistent")
+    return ids.astype(dtype), sha
+
+
 def tokenize_files_hashed(files: Sequence[str], tokenizer) -> tuple[np.ndarray, list[str]]:
     """Concatenated tokens of the files (each followed by `tokenizer.eos_id`) and the
     SHA-256 of the bytes each file's tokens came from."""
     dtype = token_dtype(tokenizer.vocab_size)
-    parts, hashes = [], []
-    for path in files:
-        text, sha = text_files.read_text_hashed(path)
-        ids = tokenizer.encode(text)
-        ids.append(tokenizer.eos_id)
-        parts.append(np.asarray(ids, dtype=np.int64))
-        hashes.append(sha)
-    tokens = np.concatenate(parts)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
-        raise DataError(f"tokenizer {tokenizer.fingerprint} produced ids outside "
-                        f"[0, {tokenizer.vocab_size}); the tokenizer file is inconsistent")
-    return tokens.astype(dtype), hashes
+    parts = [_file_tokens(path, tokenizer, dtype) for path in files]
+    return np.concatenate([ids for ids, _ in parts]), [sha for _, sha in parts]
 
 
 def tokenize_files(files: Sequence[str], tokenizer) -> np.ndarray:
     """Concatenated tokens of the files, each followed by `tokenizer.eos_id`."""
     return tokenize_files_hashed(files, tokenizer)[0]
+
+
+def _npy_header(dtype: np.dtype, count: int) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": (count,)})
+    return buffer.getvalue()
+
+
+def _stream_npy(f, files: Sequence[str], tokenizer, dtype: np.dtype) -> list[str]:
+    """Writes the tokens of `files` to `f` as a 1-D .npy, one file at a time.
+
+    Memory stays O(largest file): each document's ids go straight to disk
+    after a header slot that is filled in once the token count is known (the
+    .npy header is padded to a fixed 128 bytes for any realistic count).
+    """
+    slot = len(_npy_header(dtype, 10**18))
+    f.write(b"\0" * slot)
+    count, hashes = 0, []
+    for path in files:
+        ids, sha = _file_tokens(path, tokenizer, dtype)
+        f.write(ids.tobytes())
+        count += ids.size
+        hashes.append(sha)
+    header = _npy_header(dtype, count)
+    if len(header) != slot:  # cannot happen for counts < 10**18; refuse rather than corrupt
+        raise DataError(f"token count {count} does not fit the cache file header")
+    f.seek(0)
+    f.write(header)
+    return hashes
 
 
 def _umask() -> int:
@@ -101,7 +137,12 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomically(directory: str, name: str, write) -> str:
+def _write_atomically(directory: str, name: str, write, rename: bool = True) -> str:
+    """``write(f)`` into a temporary file in `directory`, synced, then renamed to `name`.
+
+    With ``rename=False`` the complete temporary file is left for the caller
+    to rename (its path is returned); it is removed if `write` fails.
+    """
     final = os.path.join(directory, name)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
@@ -110,6 +151,8 @@ def _write_atomically(directory: str, name: str, write) -> str:
             f.flush()
             os.fsync(f.fileno())  # the rename must not land before the bytes
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would lock out other users
+        if not rename:
+            return tmp
         os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):
@@ -149,13 +192,18 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
         if tokens is not None:
             return TokenCache(tokens, key, path, files, built=False,
                               file_hashes=tuple(hashes))
-    tokens, hashes = tokenize_files_hashed(files, tokenizer)
-    key = cache_key(files, tokenizer.fingerprint, hashes)  # the bytes actually tokenized
-    name = f"tokens-{key[:32]}"
-    path = os.path.join(cache_dir, name + ".npy")
+    created = not os.path.isdir(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        _write_atomically(cache_dir, name + ".npy", lambda f: np.save(f, tokens))
+        hashes = []
+        built = _write_atomically(
+            cache_dir, ".building.npy",
+            lambda f: hashes.extend(_stream_npy(f, files, tokenizer, dtype)), rename=False)
+        key = cache_key(files, tokenizer.fingerprint, hashes)  # the bytes actually tokenized
+        name = f"tokens-{key[:32]}"
+        path = os.path.join(cache_dir, name + ".npy")
+        os.replace(built, path)
+        tokens = np.load(path, mmap_mode="r")
         meta = {"format": CACHE_FORMAT, "key": key, "tokenizer": tokenizer.fingerprint,
                 "num_tokens": int(tokens.size), "dtype": dtype.name,
                 "libraries": _library_versions(),
@@ -165,5 +213,9 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
     except OSError as e:
         raise DataError(f"cannot write the token cache in {cache_dir}: {e.strerror}; set "
                         f"data.cache_dir to a writable folder") from e
-    return TokenCache(np.load(path, mmap_mode="r"), key, path, files, built=True,
-                      file_hashes=tuple(hashes))
+    except DataError:   # a bad corpus file: leave no empty cache folder behind
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(cache_dir)
+        raise
+    return TokenCache(tokens, key, path, files, built=True, file_hashes=tuple(hashes))
