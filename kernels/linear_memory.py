@@ -127,6 +127,32 @@ def _kernel(*refs, n_states, coef, momentum, grad_clip, save_states):
             out[...] = value
 
 
+# Mosaic's default scoped-VMEM budget and the most this kernel asks for.  Checked by
+# ahead-of-time compiles: with the raised limit head dim 512 compiles for v5e, v5p
+# and v6e; v4's 16 MiB of VMEM cannot hold it (head dims <= 256 fit everywhere).
+DEFAULT_SCOPED_VMEM = 16 * 2**20
+MAX_SCOPED_VMEM = 100 * 2**20
+
+
+def vmem_limit_bytes(c: int, d_k: int, d_v: int, n_states: int, save_states: bool
+                     ) -> int | None:
+    """A scoped-VMEM limit for one grid step, or None when the default fits.
+
+    Estimate in fp32 words: the double-buffered chunk inputs and y, the state
+    blocks (start, final, saved: double-buffered) and VMEM scratch, and the
+    body's temporaries (a few state-sized and chunk-sized arrays), with 50%
+    headroom.  Head dims up to 256 fit the default; 512 does not.
+    """
+    chunk_io = 2 * (2 * c * d_k + 2 * c * d_v + c * c + 8 * c)
+    state = d_k * d_v
+    blocks = n_states * state * (2 + 2 + (2 if save_states else 0) + 1)
+    temps = 4 * state + 4 * c * max(d_k, d_v, c)
+    need = int(1.5 * 4 * (chunk_io + blocks + temps))
+    if need <= DEFAULT_SCOPED_VMEM:
+        return None
+    return min(need, MAX_SCOPED_VMEM)
+
+
 def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
                       grad_clip: float, interpret: bool = False, save_states: bool = False):
     """The recurrence as one ``pallas_call``: (y, final states), and with
@@ -157,7 +183,8 @@ def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bo
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((d_k, d_v), jnp.float32)] * n_states,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=vmem_limit_bytes(c, d_k, d_v, n_states, save_states)),
         interpret=interpret,
         name="linear_memory_chunks",
     )(q, k, e0, gate, rows, *states)

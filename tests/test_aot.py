@@ -69,6 +69,34 @@ def test_memory_kernel_compiles_for_tpu_with_mosaic():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_memory_kernel_with_head_dim_512_fits_vmem(topology):
+    """d_k = d_v = 512 with momentum and saved chunk states needs ~20 MiB of VMEM, past
+    Mosaic's 16 MiB default: the kernel raises its scoped-VMEM limit and compiles."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kernels import linear_memory as lm
+    from nl_jax.train.aot import topology_devices
+
+    sharding = NamedSharding(Mesh(topology_devices(topology)[:1], ("x",)), P())
+    n, b, h, c, d = 4, 1, 2, 64, 512
+
+    def shaped(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+
+    assert lm.vmem_limit_bytes(c, d, d, 2, True) > lm.DEFAULT_SCOPED_VMEM
+    assert lm.vmem_limit_bytes(c, 256, 256, 2, True) is None
+    fn = jax.jit(lambda *a: lm.pallas_recurrence(*a[:5], a[5:], coef=2.0, momentum=True,
+                                                 grad_clip=0.0, save_states=True))
+    fn.lower(shaped(n, b, h, c, d), shaped(n, b, h, c, d), shaped(n, b, h, c, d),
+             shaped(n, b, h, c, c), shaped(n, b, h, len(lm.ROWS), c),
+             shaped(b, h, d, d), shaped(b, h, d, d)).compile()
+
+
+@needs_libtpu
 @pytest.mark.parametrize("mesh_shape,batch", [
     ({"data": 2, "fsdp": 1, "tensor": 2}, 4),   # rows over data, heads over tensor
     ({"data": 2, "fsdp": 2, "tensor": 1}, 2),   # rows over data only (fsdp does not divide)
