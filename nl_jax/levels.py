@@ -34,6 +34,7 @@ other levels' updates (``frozen_mask`` lets a train step skip computing them).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -47,6 +48,7 @@ from nl_jax.errors import ConfigError
 from nl_jax.optim import build_optimizer
 
 FROZEN = "never"
+log = logging.getLogger(__name__)
 
 
 class PeriodicState(NamedTuple):
@@ -182,6 +184,10 @@ def build_levels(levels_cfg, params, *, total_steps: int, grad_clip_norm: float 
             continue
         if "optimizer" not in level:
             raise ConfigError(f"levels.{name}.optimizer is missing")
+        if every > total_steps:
+            log.warning("levels.%s.every=%d exceeds the %d training steps: the level never "
+                        "updates (use every='never' to freeze it on purpose)",
+                        name, every, total_steps)
         inner = build_optimizer(level["optimizer"], max(total_steps // every, 1),
                                 where=f"levels.{name}.optimizer")
         transforms[name] = every_k_steps(inner, every)

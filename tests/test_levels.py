@@ -232,6 +232,18 @@ def test_unknown_hyperparameter_in_a_level():
                  "levels.a.optimizer.beta", "'m3'", "slow_every")
 
 
+def test_a_period_longer_than_the_run_is_flagged(caplog):
+    params = {"w": jnp.zeros(1)}
+    with caplog.at_level("WARNING"):
+        build_levels(dict(a=dict(params="w", every=8, optimizer=sgd())), params,
+                     total_steps=8)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        build_levels(dict(a=dict(params="w", every=9, optimizer=sgd())), params,
+                     total_steps=8)
+    assert "levels.a.every=9 exceeds the 8 training steps" in caplog.text
+
+
 def test_frozen_level_optimizer_spec_is_still_checked():
     expect_error(dict(a=dict(params=".*", every="never",
                              optimizer=dict(name="adamx", learning_rate=1e-3))),
