@@ -40,20 +40,26 @@ def param(rngs: nnx.Rngs | None, init: Initializer | jax.Array,
 
 
 class Dense(nnx.Module):
-    """y = x W (+ b) over the last axis, W with logical axes ``axes``."""
+    """y = x W (+ b) over the last axis, W with logical axes ``axes``.
+
+    Computed in ``dtype``; ``out_dtype`` (default ``dtype``) is the product's
+    accumulation and output dtype, e.g. fp32 logits from a bf16 matmul.
+    """
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None],
                  *, rngs: nnx.Rngs, use_bias: bool = False,
-                 init: Initializer | None = None, dtype=jnp.float32):
+                 init: Initializer | None = None, dtype=jnp.float32, out_dtype=None):
         init = init or nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
         self.kernel = param(rngs, init, (d_in, d_out), axes)
         self.bias = param(rngs, jnp.zeros(()), (d_out,), (axes[1],)) if use_bias else None
         self.dtype = dtype
+        self.out_dtype = out_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    preferred_element_type=self.out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(y.dtype)
         return y
 
 

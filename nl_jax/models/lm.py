@@ -92,7 +92,7 @@ class LanguageModel(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else Dense(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
-            dtype=self.dtype)
+            dtype=self.dtype, out_dtype=jnp.float32)
 
     def __call__(self, tokens: jax.Array, state: Any = None):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
@@ -106,11 +106,14 @@ class LanguageModel(nnx.Module):
                 x, s = block(x, s)
             new_states.append(s)
         x = self.final_norm(x)
+        # Logits accumulate and stay in fp32 even under bf16 compute (a bf16 output
+        # would round them to 8 mantissa bits before the softmax).
         if self.unembed is None:
-            logits = jnp.dot(x, self.embed[...].astype(self.dtype).T)
+            logits = jnp.dot(x, self.embed[...].astype(self.dtype).T,
+                             preferred_element_type=jnp.float32)
         else:
             logits = self.unembed(x)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = constrain(logits, ("batch", "length", "vocab"))
         return logits, tuple(new_states)
 
 

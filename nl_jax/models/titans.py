@@ -31,7 +31,9 @@ tests/test_titans.py):
 Every mixer is built as ``Cls(cfg, rngs=rngs)`` from ``config.model`` (with the
 sub-dict ``cfg.memory``) and called as ``y, state = mixer(x, state)``; the
 state carries the memory, the convolution tails and (MAG/MAL) the attention
-key/value window, so segment-by-segment equals one pass.
+key/value window, so segment-by-segment equals one pass when every segment
+but the last is a multiple of ``memory.chunk_size`` (MAC: of
+``memory.segment_len``); other cuts move the chunk (segment) boundaries.
 """
 
 from __future__ import annotations
@@ -430,8 +432,11 @@ class LayerState(NamedTuple):
 class MemoryAsLayer(nnx.Module):
     """Titans MAL: the memory layer, then sliding-window attention, sequentially.
 
-    With the block's residual this is x1 = x + LMM(x), x2 = x1 + SWA(norm(x1)):
-    two pre-norm residual sublayers in one mixer.
+    The mixer sees n = norm(x) (the block's pre-norm) and returns
+    m + SWA(norm(n + m)) with m = LMM(n), so the block computes
+    x + LMM(n) + SWA(norm(n + LMM(n))): the attention reads the memory layer's
+    output added to its own (normalised) input, not to the raw residual
+    stream, which the mixer interface does not pass in.
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
