@@ -123,6 +123,52 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
+def test_a_stop_signal_after_a_nan_gradient_saves_nothing(tmp_path, monkeypatch, capsys):
+    """A NaN gradient with a finite loss (params turn NaN), then SIGTERM between
+    logged steps: the unlogged last step is checked and nothing is saved."""
+    import signal
+
+    import jax.numpy as jnp
+
+    from nl_jax.train import loop
+
+    real = loop.make_train_step
+
+    def nan_grads_from_step_3(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, batch):
+            new_state, metrics = step(state, batch)
+            bad = state["step"] >= 2
+            new_state["params"] = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p),
+                                               new_state["params"])
+            metrics["grad_norm"] = jnp.where(bad, jnp.nan, metrics["grad_norm"])
+            return new_state, metrics
+        return wrapped
+
+    real_batch = loop.Trainer.device_batch
+    calls = {"n": 0}
+
+    def device_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:                   # SIGTERM during an unlogged step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(self, batch)
+
+    monkeypatch.setattr(loop, "make_train_step", nan_grads_from_step_3)
+    monkeypatch.setattr(loop.Trainer, "device_batch", device_batch)
+    c = tiny_config(tmp_path, 20)
+    c.train.log_every = 10
+    workdir = str(tmp_path / "nan")
+    result = loop.train(c, workdir, devices=jax.devices()[:1])
+    err = capsys.readouterr().err
+    # Logged steps are 1, 10, 20: the NaN step (>= 3) caught is the unlogged last one.
+    assert result["diverged"] and result["step"] in (3, 4)
+    assert f"non-finite at step {result['step']}" in err and "Last checkpoint: none" in err
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
+        os.path.join(workdir, "checkpoints"))
+
+
 def test_ctrl_c_during_the_final_save_names_the_last_complete_checkpoint(tmp_path, capsys,
                                                                         monkeypatch):
     """Ctrl-C while the end-of-run checkpoint is written: no traceback, a message

@@ -162,6 +162,15 @@ def _peek_batch(config) -> dict[str, np.ndarray]:
     return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
 
 
+FINITE_KEYS = ("loss", "grad_norm", "update_norm")
+
+
+def all_finite(metrics: dict) -> bool:
+    """Whether a step's loss and gradient/update norms are finite (a NaN gradient can
+    come with a finite loss, and would reach the parameters)."""
+    return all(np.isfinite(metrics[k]) for k in FINITE_KEYS if k in metrics)
+
+
 def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     """Runs (or resumes) a training job; returns the final metrics."""
     t_start = time.perf_counter()
@@ -214,7 +223,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         signal.signal(sig, on_stop_signal)
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    first_loss = last = diverged = None
+    first_loss = last = diverged = unchecked = None
     timer, window_steps = metrics_lib.Timer(), 0
     aborted = False
     try:
@@ -243,7 +252,8 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                     if lrs:
                         m["lr"] = lrs[0]
                 window_steps = 0
-                if not np.isfinite(m["loss"]):
+                unchecked = None
+                if not all_finite(m):
                     diverged = step
                     trainer.writer.write(step, "train", m)
                     break
@@ -252,6 +262,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                 trainer.writer.write(step, "train", m)
                 progress.update(step, m)
             else:
+                unchecked = (step, metrics)   # checked before any save that follows
                 progress.update(step, None)
             stopping = interrupted["stop"]     # no eval or periodic save: save and go
             if (cfg.eval_every and trainer.eval_batches and step % cfg.eval_every == 0
@@ -268,13 +279,18 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         progress.close()
+    # Stopped by a signal after an unlogged step: check it before the final save.
+    if (diverged is None and not aborted and unchecked is not None
+            and not all_finite(metrics_lib.to_python(jax.device_get(unchecked[1])))):
+        diverged = unchecked[0]
     if diverged is not None:
         # Keep the last good checkpoint; never save a non-finite state over it.
         trainer.checkpointer.close()
         trainer.writer.close()
         good = trainer.checkpointer.latest_step()
-        say(f"error: the loss became non-finite at step {diverged} (last logged finite "
-            f"loss: {last['loss'] if last else 'none'}); stopped without saving. Last "
+        say(f"error: the loss or gradient became non-finite at step {diverged} (last "
+            f"logged finite loss: {last['loss'] if last else 'none'}); stopped without "
+            f"saving. Last "
             f"checkpoint: {'step ' + str(good) if good is not None else 'none'}. Lower "
             f"the learning rate (levels.*.optimizer.learning_rate) or "
             f"train.grad_clip_norm.", file=sys.stderr)
