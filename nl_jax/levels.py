@@ -192,15 +192,28 @@ def build_levels(levels_cfg, params, *, total_steps: int, grad_clip_norm: float 
                                 where=f"levels.{name}.optimizer")
         transforms[name] = every_k_steps(inner, every)
     labels = lambda tree: _map_paths(owner.__getitem__, tree)  # noqa: E731
-    partitioned = optax.partition(transforms, labels)
-    if grad_clip_norm and grad_clip_norm > 0:
-        frozen = [n for n, t in transforms.items() if _is_frozen(levels_cfg, n)]
-        clip = optax.clip_by_global_norm(float(grad_clip_norm))
-        if frozen:
-            mask = lambda tree: _map_paths(lambda p: owner[p] in frozen, tree)  # noqa: E731
-            clip = optax.chain(optax.masked(optax.set_to_zero(), mask), clip)
-        return optax.chain(clip, partitioned)
-    return partitioned
+    frozen = {n for n in transforms if _is_frozen(levels_cfg, n)}
+    is_frozen = lambda tree: _map_paths(lambda p: owner[p] in frozen, tree)  # noqa: E731
+    # Always chained (stateless), so grad_clip_norm can change on resume.
+    return optax.chain(clip_trainable(float(grad_clip_norm or 0.0), is_frozen),
+                       optax.partition(transforms, labels))
+
+
+def clip_trainable(max_norm: float, is_frozen) -> optax.GradientTransformation:
+    """Zeroes frozen parameters' gradients, then clips the rest to global norm
+    ``max_norm`` (0: no clipping).  Stateless (``EmptyState``) whatever the
+    arguments, so the optimizer state's structure does not depend on them."""
+
+    def update(grads, state, params=None):
+        del params
+        mask = is_frozen(grads)
+        grads = jax.tree.map(lambda f, g: jax.tree.map(jnp.zeros_like, g) if f else g,
+                             mask, grads)
+        if max_norm > 0:
+            grads, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        return grads, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _is_frozen(levels_cfg, name: str) -> bool:

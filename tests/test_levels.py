@@ -96,7 +96,9 @@ def test_period_one_has_no_buffer_and_frozen_has_no_state():
                            slow=dict(params="blocks/0/.*", every=2, optimizer=sgd()),
                            frozen=dict(params="blocks/1/.*", every="never",
                                        optimizer=sgd())), params, total_steps=4)
-    inner = tx.init(params).inner_states
+    state = tx.init(params)
+    assert jax.tree.leaves(state[0]) == []          # the clip step is stateless
+    inner = state[1].inner_states
     is_periodic = lambda s: isinstance(s, PeriodicState)  # noqa: E731
     assert not any(is_periodic(x) for x in jax.tree.leaves(inner["fast"], is_leaf=is_periodic))
     assert any(is_periodic(x) for x in jax.tree.leaves(inner["slow"], is_leaf=is_periodic))

@@ -95,6 +95,32 @@ def test_resume_with_incompatible_config_is_refused(runs, capsys):
     assert "Traceback" not in err
 
 
+def test_resume_may_change_learning_rate_clipping_and_remat_only(runs, capsys):
+    """A lower learning rate, another clip norm (once a different optimizer-state
+    tree) and remat are accepted on resume and reported; an optimizer hyperparameter
+    held in the optimizer state (b1) is refused."""
+    import shutil
+
+    tmp, one, _, _ = runs
+    work = str(tmp / "changed")
+    shutil.copytree(one, work)
+    c = tiny_config(tmp, STEPS + 2)
+    c.levels.default.optimizer.learning_rate /= 3
+    c.levels.default.optimizer.schedule.warmup_steps = 1
+    c.train.grad_clip_norm = 0.0 if base.get_config().train.grad_clip_norm else 1.0
+    c.model.remat = True
+    result = train(c, work, devices=jax.devices()[:1])
+    out = capsys.readouterr().out
+    assert result["step"] == STEPS + 2 and np.isfinite(result["train_loss_last"])
+    assert f"resuming from step {STEPS}" in out
+    assert "with changed settings: " in out and "levels.default.optimizer.learning_rate" in out
+    assert "model.remat (checkpoint: False, now: True)" in out
+    c = tiny_config(tmp, STEPS + 4)
+    c.levels.default.optimizer.b1 = 0.5
+    with pytest.raises(Exception, match=r"levels\.default\.optimizer\.b1"):
+        train(c, work, devices=jax.devices()[:1])
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import jax.numpy as jnp
 

@@ -3,11 +3,13 @@
 Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``.  Saves are async
 (``CheckpointManager``), the last ``keep`` are kept.  A workdir that holds a
 checkpoint resumes from its latest step; resuming with a config whose model,
-levels or data pipeline differ is refused with a message naming the keys.
+levels or data pipeline differ is refused with a message naming the keys
+(learning rates, schedules, ``model.remat`` and ``model.dtype`` may change).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from typing import Any
@@ -24,6 +26,11 @@ RESUME_KEYS = ("model", "levels", "data.seq_len", "data.batch_size", "data.token
 # ... and for reading its weights (eval, generate): any context length, batch
 # size or data files will do.
 READ_KEYS = ("model", "levels", "data.tokenizer")
+# Keys inside those groups that may change anyway: they shape no saved array.
+# Learning rates and schedules are recomputed from the restored update counts
+# (other optimizer hyperparameters live in the optimizer state and may not).
+CHANGEABLE = ("model.remat", "model.dtype", "levels.*.optimizer.learning_rate",
+              "levels.*.optimizer.schedule", "levels.*.optimizer.schedule.*")
 
 
 def _normalise(value: Any) -> Any:
@@ -39,12 +46,16 @@ def lookup(d: dict, dotted: str):
     return d
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+def config_differences(saved: dict, current: dict, prefix: str = "",
+                       skip: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except keys that
+    match a ``skip`` pattern (fnmatch, e.g. ``levels.*.optimizer.learning_rate``)."""
+    if any(fnmatch.fnmatchcase(prefix[:-1], pattern) for pattern in skip):
+        return []
     out = []
     if isinstance(saved, dict) and isinstance(current, dict):
         for k in sorted(set(saved) | set(current)):
-            out += config_differences(saved.get(k), current.get(k), f"{prefix}{k}.")
+            out += config_differences(saved.get(k), current.get(k), f"{prefix}{k}.", skip)
         return out
     if saved != current:
         out.append(f"{prefix[:-1]} (checkpoint: {saved!r}, now: {current!r})")
@@ -105,7 +116,7 @@ class Checkpointer:
         diffs = []
         for key in keys:
             diffs += config_differences(lookup(saved, key), lookup(self.config, key),
-                                        key + ".")
+                                        key + ".", CHANGEABLE)
         if diffs:
             raise CheckpointError(
                 f"cannot {action} {self.directory} (step {step}): the config "
@@ -113,6 +124,15 @@ class Checkpointer:
                 + (", or a new --workdir to start a fresh run." if keys is RESUME_KEYS
                    else "."))
         return saved
+
+    def changed_on_resume(self, saved: dict, keys=RESUME_KEYS) -> list[str]:
+        """The ``CHANGEABLE`` keys whose values differ from the checkpoint's."""
+        diffs = []
+        for key in keys:
+            diffs += config_differences(lookup(saved, key), lookup(self.config, key),
+                                        key + ".")
+        return [d for d in diffs
+                if any(fnmatch.fnmatchcase(d.split(" ", 1)[0], p) for p in CHANGEABLE)]
 
     def restore(self, step: int, abstract_state: Any,
                 with_data: bool = True) -> tuple[Any, dict | None]:

@@ -197,6 +197,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                      f"schedule now spans {cfg.steps} steps)"
                      if before not in (None, cfg.steps) else "")
         say(f"resuming from step {start}{stretched}")
+        changed = trainer.checkpointer.changed_on_resume(trainer.saved_config)
+        if changed:
+            say(f"  with changed settings: {'; '.join(changed)}")
     if primary:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
