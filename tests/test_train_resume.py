@@ -35,6 +35,7 @@ def tiny_config(tmp_path, steps):
 
 def restored(config, workdir):
     trainer = Trainer(config, workdir, devices=jax.devices()[:1], write_metrics=False)
+    assert trainer.state is None      # no random state allocated before the restore
     assert trainer.maybe_restore() == config.train.steps
     return trainer
 

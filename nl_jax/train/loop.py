@@ -20,7 +20,7 @@ from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
 from nl_jax.train.distributed import agreed_max, is_primary
 from nl_jax.train.mesh import batch_sharding, check_process_rows, make_mesh, replicated
-from nl_jax.train.state import abstract_model, count_params, init_train_state
+from nl_jax.train.state import abstract_model, count_params, prepare_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("nl_jax")
@@ -69,9 +69,13 @@ class Trainer:
         self.optimizer = levels_lib.build_levels(
             config.levels, abstract_params, total_steps=config.train.steps,
             grad_clip_norm=float(config.train.grad_clip_norm))
-        self.model_def, self.state, self.shardings = init_train_state(
-            config.model, self.optimizer, config.train.seed, self.mesh, self.rules)
-        self.num_params = count_params(self.state["params"])
+        # The state is allocated by maybe_restore: restored from a checkpoint, or
+        # initialised when there is none (never both at once).
+        self.model_def, self.abstract_state, self.shardings, self._init_state = (
+            prepare_train_state(config.model, self.optimizer, config.train.seed,
+                                self.mesh, self.rules))
+        self.state = None
+        self.num_params = count_params(self.abstract_state["params"])
 
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         check_process_rows(self.batch_sharding, config.data.batch_size,
@@ -112,17 +116,19 @@ class Trainer:
                 for k, v in batch.items()}
 
     def maybe_restore(self) -> int:
-        """Restores the latest checkpoint (0 if there is none); the metrics log is
-        cut back to that step (a run killed after it logged later steps)."""
+        """Restores the latest checkpoint into ``self.state`` (0 and a freshly
+        initialised state if there is none); the metrics log is cut back to that
+        step (a run killed after it logged later steps)."""
         step = self.checkpointer.latest_step()
         if step is None:
+            self.state = self._init_state()
             self.writer.truncate(0)
             return 0
         training = self.purpose == "train"
         self.saved_config = self.checkpointer.check_compatible(
             step, ckpt_lib.RESUME_KEYS if training else ckpt_lib.READ_KEYS,
             "resume from" if training else self.purpose)
-        abstract = ckpt_lib.abstract_with_shardings(self.state, self.shardings)
+        abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.shardings)
         self.state, data_state = self.checkpointer.restore(step, abstract,
                                                            with_data=training)
         if training:

@@ -66,14 +66,28 @@ def train_state_shardings(model_cfg, optimizer: optax.GradientTransformation,
     return model_def, abstract_state, shardings, rest_shard
 
 
+def prepare_train_state(model_cfg, optimizer: optax.GradientTransformation,
+                        seed: int, mesh: Mesh, rules):
+    """(model_def, abstract state, state shardings, init): ``init()`` allocates the
+    initial state sharded on the mesh; until then nothing of it exists, so a run
+    that restores a checkpoint never holds a second, random copy of the state."""
+    model_def, abstract_state, shardings, rest_shard = train_state_shardings(
+        model_cfg, optimizer, seed, mesh, rules)
+    init_fn = _init_fn(model_cfg, optimizer, seed)
+    rest = jax.jit(lambda: init_fn()[1], out_shardings=rest_shard)()
+
+    def init() -> dict:
+        return jax.jit(lambda: init_fn()[0], out_shardings=shardings)()
+
+    return ModelDef(model_def.graphdef, rest), abstract_state, shardings, init
+
+
 def init_train_state(model_cfg, optimizer: optax.GradientTransformation,
                      seed: int, mesh: Mesh, rules) -> tuple[ModelDef, dict, dict]:
     """Returns (model_def, state, state_shardings); state lives sharded on mesh."""
-    model_def, _, shardings, rest_shard = train_state_shardings(
-        model_cfg, optimizer, seed, mesh, rules)
-    init = _init_fn(model_cfg, optimizer, seed)
-    state, rest = jax.jit(init, out_shardings=(shardings, rest_shard))()
-    return ModelDef(model_def.graphdef, rest), state, shardings
+    model_def, _, shardings, init = prepare_train_state(model_cfg, optimizer, seed, mesh,
+                                                        rules)
+    return model_def, init(), shardings
 
 
 def opt_state_shardings(abstract_opt_state, abstract_params, p_shard, mesh: Mesh):
