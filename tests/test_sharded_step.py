@@ -116,3 +116,17 @@ def test_frozen_levels_get_no_gradient_and_stay_put():
              if not np.array_equal(a, np.asarray(b))}
     assert moved == set(paths) - set(frozen)
     assert 1e-3 < float(metrics["grad_norm"]) < float(free["grad_norm"])
+
+
+def test_a_dimension_the_mesh_cannot_split_is_a_config_error():
+    import pytest
+
+    from nl_jax.errors import ConfigError
+    from nl_jax.train.mesh import param_shardings
+    from nl_jax.train.state import abstract_model
+    c = _config(1, 8)
+    c.model.d_model, c.model.d_ff = 36, 64       # 36 columns over tensor = 8
+    _, abstract = abstract_model(c.model, 0)
+    with pytest.raises(ConfigError, match=r"parameter blocks/0/mixer/w\w/kernel of shape "
+                                          r"\(36, 36\) cannot be sharded.*mesh.tensor"):
+        param_shardings(abstract, make_mesh(c.mesh, jax.devices()), _rules())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -38,7 +39,32 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> Any:
         spec = logical_to_mesh_spec(names, rules, mesh.axis_names) if names else P()
         return NamedSharding(mesh, spec)
 
-    return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    shardings = jax.tree.map(to_sharding, specs,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+    check_divisible(abstract_params, shardings, mesh)
+    return shardings
+
+
+def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
+    """Every sharded parameter dimension divides by the size of its mesh axes;
+    a ConfigError names the parameter, the dimension and the way out."""
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings), strict=True):
+        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            parts = math.prod(mesh.shape[a] for a in axes)
+            if size % parts:
+                keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                        for k in path]
+                name = "/".join(keys[:-1] if keys[-1] == "value" else keys)
+                raise ConfigError(
+                    f"parameter {name} of shape {tuple(leaf.shape)} cannot be sharded: its "
+                    f"dimension {dim} ({size}) is split over mesh axes {list(axes)} of total "
+                    f"size {parts}, which does not divide it; pick mesh sizes that divide "
+                    f"the model dimensions (e.g. mesh.tensor dividing model.n_heads) or map "
+                    f"that logical axis to no mesh axis in sharding.rules")
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
