@@ -122,6 +122,33 @@ def test_resume_may_change_learning_rate_clipping_and_remat_only(runs, capsys):
         train(c, work, devices=jax.devices()[:1])
 
 
+def test_eval_and_checkpoint_time_is_not_step_time(tmp_path, monkeypatch):
+    """A slow evaluation and a slow save at every step do not show in step_ms."""
+    import time
+
+    from nl_jax.train import loop
+
+    def slow(real):
+        def wrapped(*args, **kwargs):
+            time.sleep(0.4)
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(loop.Trainer, "evaluate", slow(loop.Trainer.evaluate))
+    monkeypatch.setattr(loop.Trainer, "save", slow(loop.Trainer.save))
+    c = tiny_config(tmp_path, 5)
+    c.train.eval_every = 1
+    c.train.checkpoint_every = 1
+    c.train.sample_tokens = 0
+    workdir = str(tmp_path / "w")
+    train(c, workdir, devices=jax.devices()[:1])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    step_ms = [r["step_ms"] for r in records if r["split"] == "train"][1:]  # 1st: compile
+    assert len(step_ms) == 4 and max(step_ms) < 400, step_ms
+    assert sum(r["split"] == "eval" for r in records) >= 4
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import jax.numpy as jnp
 

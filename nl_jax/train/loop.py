@@ -142,11 +142,11 @@ class Trainer:
         self.checkpointer.save(step, self.state, self.data.get_state(), force=force)
 
     def evaluate(self) -> dict[str, float]:
-        total, count = 0.0, 0.0
-        for batch in self.eval_batches:
+        total = count = 0.0
+        for batch in self.eval_batches:   # summed on device: one host sync at the end
             s, c = self.eval_step(self.state["params"], self.device_batch(batch))
-            total += float(s)
-            count += float(c)
+            total, count = total + s, count + c
+        total, count = float(total), float(count)
         loss = total / max(count, 1.0)
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
                 "tokens": int(count)}
@@ -274,14 +274,21 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                 unchecked = (step, metrics)   # checked before any save that follows
                 progress.update(step, None)
             stopping = interrupted["stop"]     # no eval or periodic save: save and go
-            if (cfg.eval_every and trainer.eval_batches and step % cfg.eval_every == 0
-                    and step < cfg.steps and not stopping):
-                ev = trainer.evaluate()
-                trainer.writer.write(step, "eval", ev)
-                progress.write(f"eval step {step}: loss={ev['loss']:.4f} "
-                               f"perplexity={ev['perplexity']:.2f}")
-            if checkpoint_due and not stopping:
-                trainer.save()
+            evaluating = (cfg.eval_every and trainer.eval_batches and step % cfg.eval_every == 0
+                          and step < cfg.steps and not stopping)
+            if evaluating or (checkpoint_due and not stopping):
+                # Eval and checkpoint time is kept out of step_ms / tokens_per_s: the
+                # steps dispatched so far finish first and count as training time.
+                jax.block_until_ready(trainer.state)
+                paused = time.perf_counter()
+                if evaluating:
+                    ev = trainer.evaluate()
+                    trainer.writer.write(step, "eval", ev)
+                    progress.write(f"eval step {step}: loss={ev['loss']:.4f} "
+                                   f"perplexity={ev['perplexity']:.2f}")
+                if checkpoint_due and not stopping:
+                    trainer.save()
+                timer.exclude(time.perf_counter() - paused)
     except KeyboardInterrupt:   # a second signal: the state may be mid-step, no save
         aborted = True
     finally:

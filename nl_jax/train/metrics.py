@@ -164,3 +164,7 @@ class Timer:
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         return dt
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` (spent on something else) out of the current lap."""
+        self.t += seconds
