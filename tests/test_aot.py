@@ -138,3 +138,18 @@ def test_memory_kernel_runs_per_shard_on_a_tpu_mesh(mesh_shape, batch):
     for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
         assert collective not in text, collective
     assert "linear_memory_chunks" in grads.compile().as_text()
+
+
+def test_usable_hbm_is_the_allocator_limit_or_the_nominal_share():
+    from types import SimpleNamespace
+
+    from nl_jax.train.aot import usable_hbm_gib
+
+    def device(kind, limit=None):
+        return SimpleNamespace(device_kind=kind,
+                               memory_stats=lambda: {"bytes_limit": limit} if limit else None)
+
+    assert usable_hbm_gib(device("NVIDIA H100 80GB HBM3"), local=False) == 60.0   # 75%
+    assert usable_hbm_gib(device("NVIDIA H100 80GB HBM3", 50 * 2**30), local=True) == 50.0
+    assert usable_hbm_gib(device("TPU v5p"), local=False) == 95
+    assert usable_hbm_gib(device("cpu"), local=True) is None

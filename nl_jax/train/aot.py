@@ -28,6 +28,26 @@ HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "TPU v4": 32, "TPU v5 lite": 1
            "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95, "TPU v6 lite": 32, "TPU v6e": 32}
 
 
+def usable_hbm_gib(device, local: bool) -> float | None:
+    """Memory a step may use on ``device``, in GiB (None: unknown, e.g. a CPU).
+
+    A local accelerator reports its allocator limit (``memory_stats``; on a GPU
+    that is XLA_PYTHON_CLIENT_MEM_FRACTION, 75% by default, of the HBM).
+    Otherwise the nominal HBM of the device kind, and 75% of it for a GPU.
+    """
+    if local:
+        stats = getattr(device, "memory_stats", lambda: None)()
+        if stats and stats.get("bytes_limit"):
+            return stats["bytes_limit"] / 2**30
+    kind = device.device_kind
+    hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
+                if kind.startswith(k)), None)
+    if hbm is not None and kind.startswith("NVIDIA"):
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
+        return hbm * fraction
+    return hbm
+
+
 def topology_devices(topology: str):
     if topology == "local":
         return jax.devices()
@@ -72,8 +92,7 @@ def preflight(config, topology: str) -> dict[str, Any]:
     compiled = step.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     kind = devices[0].device_kind
-    hbm = next((v for k, v in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0]))
-                if kind.startswith(k)), None)
+    hbm = usable_hbm_gib(devices[0], local=topology == "local")
 
     def gib(n_bytes):
         return n_bytes / 2**30
@@ -109,6 +128,6 @@ def main(argv: list[str]) -> int:
             json.dump(report, f, indent=2)
     if report["fits"] is False:
         print(f"does NOT fit: {report['per_chip_gib']:.1f} GiB per chip > "
-              f"{report['hbm_gib']} GiB HBM")
+              f"{report['hbm_gib']:.1f} GiB usable HBM")
         return 1
     return 0
