@@ -101,9 +101,11 @@ def test_causal_and_memory_carries_the_past(name):
     assert float(jnp.max(jnp.abs(y_early[:, 24:] - y[:, 24:]))) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["NeuralMemoryMixer", "MemoryAsContext", "MemoryAsLayer"])
+@pytest.mark.parametrize("name", ["NeuralMemoryMixer", "MemoryAsGate", "MemoryAsContext",
+                                  "MemoryAsLayer"])
 def test_streaming_equals_one_pass(name):
-    """Segment by segment == one pass (MAL covers the sliding-window key/value cache)."""
+    """Segment by segment == one pass at a cut on a chunk and segment boundary (16);
+    MAG and MAL also carry the sliding-window key/value cache across it."""
     run, params = shared_run(name)
     x = inputs()
     y, state = run(params, x, None)
