@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint cannot be resumed with the given config."""
+
+
+class CheckpointStructureError(CheckpointError):
+    """A checkpoint's train state has another tree structure than the config builds."""

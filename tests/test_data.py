@@ -238,9 +238,12 @@ def test_cache_key_covers_the_tokenizer_libraries(tmp_path, bpe, alice_text, mon
     folder = _corpus(tmp_path, alice_text, chunks=((0, 3000),))
     files = [str(folder / "doc0.txt")]
     key = token_cache.cache_key(files, bpe.fingerprint)
+    identity = token_cache.load_or_build(files, bpe, str(tmp_path / "cache")).identity
     monkeypatch.setattr(token_cache, "_library_versions",
                         lambda: {"tokenizers": "0.0.1", "sentencepiece": "0.0.1"})
     assert token_cache.cache_key(files, bpe.fingerprint) != key
+    rebuilt = token_cache.load_or_build(files, bpe, str(tmp_path / "cache"))
+    assert rebuilt.built and rebuilt.identity == identity   # resumes are not refused
 
 
 def test_cache_entry_is_keyed_by_the_bytes_it_was_tokenized_from(

@@ -301,6 +301,11 @@ def test_m3_weight_decay_without_params_is_an_error():
         tx.update(g, tx.init(g))
     plain = m3(0.1)
     plain.update(g, plain.init(g))   # no decay: params are not needed
+    registered = build_optimizer(dict(name="m3", learning_rate=0.1), 10)  # injected 0.0
+    registered.update(g, registered.init(g))
+    decayed = build_optimizer(dict(name="m3", learning_rate=0.1, weight_decay=0.1), 10)
+    with pytest.raises(ValueError, match="weight_decay needs the parameters"):
+        decayed.update(g, decayed.init(g))
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

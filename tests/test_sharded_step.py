@@ -69,7 +69,17 @@ def test_process_rows_accept_a_batch_split_across_processes():
     mesh = make_mesh(dict(data=2, fsdp=1, tensor=4), jax.devices())
     sharding = batch_sharding(mesh, _rules())
     for p in range(2):
-        check_process_rows(sharding, 8, list(mesh.devices[p].flat), p, 2)
+        check_process_rows(sharding, 8, 16, list(mesh.devices[p].flat), p, 2)
+
+
+def test_process_rows_with_a_sequence_sharded_batch():
+    """Rules that also split the length axis (sequence parallelism) are checked on
+    the batch rows alone."""
+    from nl_jax.train.mesh import check_process_rows
+    mesh = make_mesh(dict(data=2, fsdp=1, tensor=4), jax.devices())
+    sharding = batch_sharding(mesh, (("batch", "data"), ("length", "tensor")))
+    for p in range(2):
+        check_process_rows(sharding, 8, 16, list(mesh.devices[p].flat), p, 2)
 
 
 def test_process_rows_refuse_tensor_parallelism_across_processes():
@@ -82,7 +92,7 @@ def test_process_rows_refuse_tensor_parallelism_across_processes():
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=8), jax.devices())
     sharding = batch_sharding(mesh, _rules())
     with pytest.raises(ConfigError, match=r"holds? batch rows 0:8, but its data is rows 0:4"):
-        check_process_rows(sharding, 8, list(mesh.devices.flat)[:4], 0, 2)
+        check_process_rows(sharding, 8, 16, list(mesh.devices.flat)[:4], 0, 2)
 
 
 def test_frozen_levels_get_no_gradient_and_stay_put():

@@ -149,6 +149,25 @@ def test_eval_and_checkpoint_time_is_not_step_time(tmp_path, monkeypatch):
     assert sum(r["split"] == "eval" for r in records) >= 4
 
 
+def test_a_checkpoint_without_the_clip_step_state_still_restores(runs, tmp_path):
+    """Checkpoints written before the optimizer always began with the stateless clip
+    step (grad_clip_norm = 0 then gave the levels' state alone) restore bitwise."""
+    from nl_jax.train.checkpoint import Checkpointer
+
+    tmp, one, _, _ = runs
+    config = tiny_config(tmp, STEPS)
+    current = restored(config, one)
+    legacy_dir = str(tmp_path / "legacy")
+    writer = Checkpointer(legacy_dir, 2, config.to_dict())
+    writer.save(STEPS, dict(current.state, opt_state=current.state["opt_state"][1]),
+                current.data.get_state(), force=True)
+    writer.close()
+    again = restored(config, legacy_dir)
+    for a, b in zip(jax.tree.leaves(current.state), jax.tree.leaves(again.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(again.state) == jax.tree.structure(current.state)
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import jax.numpy as jnp
 

@@ -178,7 +178,8 @@ class TrainBatchIterator:
         if missing:
             raise DataError(f"data iterator state {state!r} lacks {missing}; the "
                             f"checkpoint's data state is damaged")
-        changed = [f"{k} (checkpoint: {state[k]!r}, now: {v!r})"
+        what = {"corpus_key": "corpus_key (hash of the tokenizer and training files)"}
+        changed = [f"{what.get(k, k)} (checkpoint: {state[k]!r}, now: {v!r})"
                    for k, v in self._identity.items() if state[k] != v]
         if changed:
             raise DataError(
@@ -206,8 +207,9 @@ def build_train_iterator(data_cfg, tokenizer, *, seed: int, base_dir: str,
     _require_windows(cache, seq_len, batch_size, "data.train_files", patterns)
     dataset = train_dataset(cache.tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
-    iterator = TrainBatchIterator(dataset, seed=seed, corpus_key=cache.key, seq_len=seq_len,
-                                  batch_size=batch_size, num_tokens=int(cache.tokens.size))
+    iterator = TrainBatchIterator(dataset, seed=seed, corpus_key=cache.identity,
+                                  seq_len=seq_len, batch_size=batch_size,
+                                  num_tokens=int(cache.tokens.size))
     iterator.file_hashes = dict(zip(cache.files, cache.file_hashes, strict=True))
     return iterator
 

@@ -56,11 +56,23 @@ class TokenCache:
     files: tuple[str, ...]
     built: bool
     file_hashes: tuple[str, ...] = ()   # SHA-256 of each file's bytes, in `files` order
+    identity: str = ""                  # data_identity: what a resumed data stream checks
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id below `vocab_size`."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def data_identity(tokenizer_fingerprint: str, file_hashes: Sequence[str]) -> str:
+    """Hex key of (tokenizer files, contents of the text files in order): the identity
+    of a token stream, kept in checkpoints.  Unlike ``cache_key`` it leaves out the
+    cache format and library versions, so upgrading those re-tokenizes the corpus
+    but does not refuse a resume.  (The formula is the format-1 cache key, so
+    checkpoints written before the split still match.)"""
+    description = {"format": 1, "tokenizer": tokenizer_fingerprint,
+                   "files": list(file_hashes)}
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(files: Sequence[str], tokenizer_fingerprint: str,
@@ -131,10 +143,15 @@ def _stream_npy(f, files: Sequence[str], tokenizer, dtype: np.dtype) -> list[str
     return hashes
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once at import (os.umask can only be read by setting it, which would race
+# with files other threads create).
+_UMASK = _read_umask()
 
 
 def _write_atomically(directory: str, name: str, write, rename: bool = True) -> str:
@@ -150,7 +167,7 @@ def _write_atomically(directory: str, name: str, write, rename: bool = True) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the rename must not land before the bytes
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would lock out other users
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would lock out other users
         if not rename:
             return tmp
         os.replace(tmp, final)
@@ -182,7 +199,8 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
     if cache_dir is None:
         tokens, hashes = tokenize_files_hashed(files, tokenizer)
         return TokenCache(tokens, cache_key(files, tokenizer.fingerprint, hashes), None,
-                          files, built=True, file_hashes=tuple(hashes))
+                          files, built=True, file_hashes=tuple(hashes),
+                          identity=data_identity(tokenizer.fingerprint, hashes))
     hashes = [text_files.file_sha256(f) for f in files]
     key = cache_key(files, tokenizer.fingerprint, hashes)
     name = f"tokens-{key[:32]}"
@@ -191,7 +209,8 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
         tokens = _load_cached(path, dtype)
         if tokens is not None:
             return TokenCache(tokens, key, path, files, built=False,
-                              file_hashes=tuple(hashes))
+                              file_hashes=tuple(hashes),
+                              identity=data_identity(tokenizer.fingerprint, hashes))
     created = not os.path.isdir(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -218,4 +237,5 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
             with contextlib.suppress(OSError):
                 os.rmdir(cache_dir)
         raise
-    return TokenCache(tokens, key, path, files, built=True, file_hashes=tuple(hashes))
+    return TokenCache(tokens, key, path, files, built=True, file_hashes=tuple(hashes),
+                      identity=data_identity(tokenizer.fingerprint, hashes))

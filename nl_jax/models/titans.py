@@ -276,12 +276,14 @@ class MemoryGates(nnx.Module):
     def __init__(self, d_model: int, n_heads: int, chunk_size: int, *, rngs: nnx.Rngs):
         inits = (initial_theta(chunk_size), ETA_INIT, ALPHA_INIT)
         bias = jnp.asarray([[math.log(g / (1 - g))] for g in inits])
-        self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_model, 3, n_heads),
-                            ("embed", None, "memory_heads"))
+        # [gate, d_model, heads]: a stack of three [d_model, heads] projections, the
+        # layout matrix optimizers (Newton-Schulz, M3, delta momentum) expect.
+        self.kernel = param(rngs, nnx.initializers.normal(0.02), (3, d_model, n_heads),
+                            (None, "embed", "memory_heads"))
         self.bias = param(rngs, bias, (3, n_heads), (None, "memory_heads"))
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        logits = jnp.einsum("btd,dgh->btgh", x.astype(jnp.float32), self.kernel[...])
+        logits = jnp.einsum("btd,gdh->btgh", x.astype(jnp.float32), self.kernel[...])
         gates = jax.nn.sigmoid(logits + self.bias[...])
         return gates[:, :, 0], gates[:, :, 1], gates[:, :, 2]
 

@@ -46,6 +46,13 @@ class M3State(NamedTuple):
     chunk: optax.Updates       # sum of the current chunk's gradients
 
 
+def _is_zero(x) -> bool:
+    """Whether ``x`` is known to be 0 (a traced value is not known)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return float(x) == 0.0
+
+
 def m3(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9,
        alpha: float = 1.0, eps: float = 1e-8, decay1: float = 1.0, decay2: float = 1.0,
        decay3: float = 1.0, weight_decay: float = 0.0, slow_every: int = 8,
@@ -70,7 +77,7 @@ def m3(learning_rate, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9,
             fast, state.slow_out, second)
         if params is not None:
             direction = jax.tree.map(lambda d, p: d + weight_decay * p, direction, params)
-        elif not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        elif not _is_zero(weight_decay):
             raise ValueError("m3: weight_decay needs the parameters; call "
                              "update(grads, state, params)")
         updates = jax.tree.map(lambda d: -learning_rate * d, direction)

@@ -108,7 +108,7 @@ def preflight(config, topology: str) -> dict[str, Any]:
             "argument_gib": gib(mem.argument_size_in_bytes),
             "temp_gib": gib(mem.temp_size_in_bytes),
             "output_gib": gib(mem.output_size_in_bytes),
-            "per_chip_gib": per_chip, "hbm_gib": hbm,
+            "per_chip_gib": per_chip, "usable_hbm_gib": hbm,
             "fits": None if hbm is None else per_chip <= hbm,
             "flops_per_chip": float(cost.get("flops", 0.0))}
 
@@ -128,6 +128,6 @@ def main(argv: list[str]) -> int:
             json.dump(report, f, indent=2)
     if report["fits"] is False:
         print(f"does NOT fit: {report['per_chip_gib']:.1f} GiB per chip > "
-              f"{report['hbm_gib']:.1f} GiB usable HBM")
+              f"{report['usable_hbm_gib']:.1f} GiB usable HBM")
         return 1
     return 0

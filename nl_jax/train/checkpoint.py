@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from nl_jax.errors import CheckpointError
+from nl_jax.errors import CheckpointError, CheckpointStructureError
 
 # Config groups whose change makes a checkpoint unusable for training (shapes,
 # optimizer state structure, token stream).  Other keys (steps, logging) may change.
@@ -102,6 +102,12 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types for bad files
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             folder = os.path.join(self.directory, str(step))
+            if "tree structures do not match" in str(e):
+                raise CheckpointStructureError(
+                    f"cannot read the {what} of checkpoint step {step} ({folder}): its "
+                    f"tree differs from the one this config builds (other optimizer "
+                    f"levels, or written by another nl_jax version). Use the config it was "
+                    f"made with, or a new --workdir") from None
             raise CheckpointError(
                 f"cannot read the {what} of checkpoint step {step} ({folder}): {first}. "
                 f"Move that folder away to use the previous checkpoint, or use a new "

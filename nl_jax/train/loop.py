@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from nl_jax import config as config_lib
-from nl_jax.errors import ConfigError
+from nl_jax.errors import CheckpointStructureError, ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
 from nl_jax.train.distributed import agreed_max, is_primary
@@ -78,7 +78,7 @@ class Trainer:
         self.num_params = count_params(self.abstract_state["params"])
 
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
-        check_process_rows(self.batch_sharding, config.data.batch_size,
+        check_process_rows(self.batch_sharding, config.data.batch_size, config.data.seq_len,
                            [d for d in self.mesh.devices.flat
                             if d.process_index == jax.process_index()],
                            jax.process_index(), jax.process_count())
@@ -129,13 +129,25 @@ class Trainer:
             step, ckpt_lib.RESUME_KEYS if training else ckpt_lib.READ_KEYS,
             "resume from" if training else self.purpose)
         abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.shardings)
-        self.state, data_state = self.checkpointer.restore(step, abstract,
-                                                           with_data=training)
+        try:
+            self.state, data_state = self.checkpointer.restore(step, abstract,
+                                                               with_data=training)
+        except CheckpointStructureError:
+            self.state, data_state = self._restore_legacy(step, abstract, training)
         if training:
             self.data.set_state(data_state)
         self.writer.truncate(step)
         self.resumed_from = step
         return step
+
+    def _restore_legacy(self, step: int, abstract: dict, training: bool):
+        """Checkpoints written before the optimizer always began with the (stateless)
+        clip step hold the levels' state alone; restore that and put it back in
+        place.  Any other structure difference raises CheckpointStructureError."""
+        legacy = dict(abstract, opt_state=abstract["opt_state"][1])
+        state, data_state = self.checkpointer.restore(step, legacy, with_data=training)
+        state["opt_state"] = (abstract["opt_state"][0], state["opt_state"])
+        return state, data_state
 
     def save(self, force: bool = False) -> None:
         step = int(self.state["step"])

@@ -71,8 +71,8 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_mesh_spec(("batch", "length"), rules, mesh.axis_names))
 
 
-def check_process_rows(sharding: NamedSharding, batch_size: int, devices, process_index: int,
-                       process_count: int) -> None:
+def check_process_rows(sharding: NamedSharding, batch_size: int, seq_len: int, devices,
+                       process_index: int, process_count: int) -> None:
     """Checks that ``devices`` (one process's) hold exactly its rows of the batch.
 
     The data pipeline gives process p the rows ``p*B/P : (p+1)*B/P``; the batch
@@ -82,7 +82,7 @@ def check_process_rows(sharding: NamedSharding, batch_size: int, devices, proces
     """
     local = batch_size // process_count
     want = set(range(process_index * local, (process_index + 1) * local))
-    index_map = sharding.devices_indices_map((batch_size, 1))
+    index_map = sharding.devices_indices_map((batch_size, seq_len))
     held: set[int] = set()
     for device in devices:
         held.update(range(*index_map[device][0].indices(batch_size)))
