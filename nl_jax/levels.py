@@ -173,11 +173,12 @@ def build_levels(levels_cfg, params, *, total_steps: int, grad_clip_norm: float 
     ``params`` may hold arrays or ShapeDtypeStructs (only paths are read).
     """
     owner = assign_levels(levels_cfg, params)
-    transforms = {}
+    transforms, frozen = {}, set()
     for name, level in levels_cfg.items():
         level = _as_dict(level)
         every = _parse_every(name, level.get("every", 1))
         if every == FROZEN:
+            frozen.add(name)
             if "optimizer" in level:  # checked so a typo fails now, not when unfrozen
                 build_optimizer(level["optimizer"], 1, where=f"levels.{name}.optimizer")
             transforms[name] = optax.set_to_zero()
@@ -192,7 +193,6 @@ def build_levels(levels_cfg, params, *, total_steps: int, grad_clip_norm: float 
                                 where=f"levels.{name}.optimizer")
         transforms[name] = every_k_steps(inner, every)
     labels = lambda tree: _map_paths(owner.__getitem__, tree)  # noqa: E731
-    frozen = {n for n in transforms if _is_frozen(levels_cfg, n)}
     is_frozen = lambda tree: _map_paths(lambda p: owner[p] in frozen, tree)  # noqa: E731
     # Always chained (stateless), so grad_clip_norm can change on resume.
     return optax.chain(clip_trainable(float(grad_clip_norm or 0.0), is_frozen),

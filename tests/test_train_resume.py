@@ -168,23 +168,30 @@ def test_a_checkpoint_without_the_clip_step_state_still_restores(runs, tmp_path)
     assert jax.tree.structure(again.state) == jax.tree.structure(current.state)
 
 
-def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def nan_from_step_3(make_train_step, metric: str, poison_params: bool = False):
+    """``make_train_step`` whose steps 3, 4, ... report ``metric`` as NaN (and with
+    ``poison_params`` also write NaN parameters)."""
     import jax.numpy as jnp
 
-    from nl_jax.train import loop
-
-    real = loop.make_train_step
-
-    def nan_after_two_steps(*args, **kwargs):
-        step = real(*args, **kwargs)
+    def make(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
 
         def wrapped(state, batch):
             new_state, metrics = step(state, batch)
-            metrics["loss"] = jnp.where(state["step"] >= 2, jnp.nan, metrics["loss"])
+            bad = state["step"] >= 2
+            if poison_params:
+                new_state["params"] = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p),
+                                                   new_state["params"])
+            metrics[metric] = jnp.where(bad, jnp.nan, metrics[metric])
             return new_state, metrics
         return wrapped
+    return make
 
-    monkeypatch.setattr(loop, "make_train_step", nan_after_two_steps)
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from nl_jax.train import loop
+
+    monkeypatch.setattr(loop, "make_train_step", nan_from_step_3(loop.make_train_step, "loss"))
     c = tiny_config(tmp_path, STEPS)
     c.train.log_every = 5           # the checkpoint step forces a finiteness check
     c.train.checkpoint_every = 2
@@ -201,23 +208,7 @@ def test_a_stop_signal_after_a_nan_gradient_saves_nothing(tmp_path, monkeypatch,
     logged steps: the unlogged last step is checked and nothing is saved."""
     import signal
 
-    import jax.numpy as jnp
-
     from nl_jax.train import loop
-
-    real = loop.make_train_step
-
-    def nan_grads_from_step_3(*args, **kwargs):
-        step = real(*args, **kwargs)
-
-        def wrapped(state, batch):
-            new_state, metrics = step(state, batch)
-            bad = state["step"] >= 2
-            new_state["params"] = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p),
-                                               new_state["params"])
-            metrics["grad_norm"] = jnp.where(bad, jnp.nan, metrics["grad_norm"])
-            return new_state, metrics
-        return wrapped
 
     real_batch = loop.Trainer.device_batch
     calls = {"n": 0}
@@ -228,7 +219,8 @@ def test_a_stop_signal_after_a_nan_gradient_saves_nothing(tmp_path, monkeypatch,
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(self, batch)
 
-    monkeypatch.setattr(loop, "make_train_step", nan_grads_from_step_3)
+    monkeypatch.setattr(loop, "make_train_step", nan_from_step_3(
+        loop.make_train_step, "grad_norm", poison_params=True))
     monkeypatch.setattr(loop.Trainer, "device_batch", device_batch)
     c = tiny_config(tmp_path, 20)
     c.train.log_every = 10

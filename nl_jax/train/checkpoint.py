@@ -119,10 +119,7 @@ class Checkpointer:
         (``action``: what was refused, e.g. "resume from", "eval"); returns the
         checkpoint's config."""
         saved = self._read(step, "config", config=ocp.args.JsonRestore())["config"]
-        diffs = []
-        for key in keys:
-            diffs += config_differences(lookup(saved, key), lookup(self.config, key),
-                                        key + ".", CHANGEABLE)
+        diffs = self._differences(saved, keys, skip=CHANGEABLE)
         if diffs:
             raise CheckpointError(
                 f"cannot {action} {self.directory} (step {step}): the config "
@@ -133,12 +130,12 @@ class Checkpointer:
 
     def changed_on_resume(self, saved: dict, keys=RESUME_KEYS) -> list[str]:
         """The ``CHANGEABLE`` keys whose values differ from the checkpoint's."""
-        diffs = []
-        for key in keys:
-            diffs += config_differences(lookup(saved, key), lookup(self.config, key),
-                                        key + ".")
-        return [d for d in diffs
+        return [d for d in self._differences(saved, keys)
                 if any(fnmatch.fnmatchcase(d.split(" ", 1)[0], p) for p in CHANGEABLE)]
+
+    def _differences(self, saved: dict, keys, skip: tuple[str, ...] = ()) -> list[str]:
+        return [d for key in keys for d in config_differences(
+            lookup(saved, key), lookup(self.config, key), key + ".", skip)]
 
     def restore(self, step: int, abstract_state: Any,
                 with_data: bool = True) -> tuple[Any, dict | None]:

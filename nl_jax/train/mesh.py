@@ -48,17 +48,17 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> Any:
 def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
     """Every sharded parameter dimension divides by the size of its mesh axes;
     a ConfigError names the parameter, the dimension and the way out."""
-    flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    for (path, leaf), sharding in zip(flat, jax.tree.leaves(shardings), strict=True):
+    from nl_jax.levels import param_paths
+
+    for name, leaf, sharding in zip(param_paths(abstract_params),
+                                    jax.tree.leaves(abstract_params),
+                                    jax.tree.leaves(shardings), strict=True):
         for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):
             if axes is None:
                 continue
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
             parts = math.prod(mesh.shape[a] for a in axes)
             if size % parts:
-                keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                        for k in path]
-                name = "/".join(keys[:-1] if keys[-1] == "value" else keys)
                 raise ConfigError(
                     f"parameter {name} of shape {tuple(leaf.shape)} cannot be sharded: its "
                     f"dimension {dim} ({size}) is split over mesh axes {list(axes)} of total "
