@@ -48,8 +48,8 @@ def runs(tmp_path_factory):
     devices = jax.devices()[:1]
     final = train(tiny_config(tmp, STEPS), one, devices=devices)
     train(tiny_config(tmp, STEPS // 2), two, devices=devices)
-    train(tiny_config(tmp, STEPS), two, devices=devices)  # resumes at STEPS // 2
-    return tmp, one, two, final
+    final_two = train(tiny_config(tmp, STEPS), two, devices=devices)  # resumes at STEPS // 2
+    return tmp, one, two, (final, final_two)
 
 
 def test_resume_is_bitwise_exact(runs):
@@ -68,7 +68,7 @@ def test_resume_is_bitwise_exact(runs):
 
 
 def test_workdir_outputs(runs):
-    _, one, _, final = runs
+    _, one, _, (final, final_two) = runs
     assert os.path.isdir(os.path.join(one, "checkpoints", str(STEPS)))
     with open(os.path.join(one, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -80,6 +80,9 @@ def test_workdir_outputs(runs):
     assert os.path.getsize(os.path.join(one, "loss_curve.png")) > 1000
     assert np.isfinite(final["eval_loss"]) and final["train_loss_last"] < final["train_loss_first"]
     assert isinstance(final["sample"], str) and final["sample"].startswith("The")
+    # the resumed run reports the run's first loss (step 1), not its invocation's
+    assert final_two["train_loss_first"] == final["train_loss_first"]
+    assert final_two["train_loss_last"] == final["train_loss_last"]
 
 
 def test_resume_with_incompatible_config_is_refused(runs, capsys):

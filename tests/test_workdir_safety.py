@@ -127,7 +127,8 @@ def test_resume_after_a_kill_logs_each_step_once(capsys, tmp_path):
     code, out, _ = run(capsys, "train", *tiny_flags(tmp_path, steps=4), "--workdir",
                        str(workdir))
     assert code == 0
-    assert "resuming from step 2 (train.steps 2 -> 4" in out
+    assert ("resuming from step 2 (train.steps 2 -> 4: the learning-rate schedule of "
+            "level(s) default now spans 4 steps)") in out
     with open(workdir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
@@ -195,9 +196,47 @@ def test_help(capsys, command):
     assert code == 0 and out.startswith(f"usage: python -m nl_jax {command}")
 
 
+def test_eval_reads_the_weights_alone(trained, capsys):
+    """eval and generate restore step and params, never the optimizer state: another
+    optimizer (here a level with every=2, whose state holds an accumulator) reads
+    the same weights and gives the same loss."""
+    from nl_jax.train.loop import Trainer
+    _, workdir, _ = trained
+    code, out, err = run(capsys, "eval", "--workdir", workdir, "--batches", "1")
+    assert code == 0, err
+    loss = json.loads(out)["loss"]
+    code, out, err = run(capsys, "eval", "--workdir", workdir, "--batches", "1",
+                         "--config.levels.default.every=2")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == loss
+    with open(os.path.join(workdir, "config.json")) as f:
+        import ml_collections
+        config = ml_collections.ConfigDict(json.load(f))
+    trainer = Trainer(config, workdir, write_metrics=False, purpose="generate")
+    assert trainer.maybe_restore() == 3
+    assert set(trainer.state) == {"step", "params"}
+
+
 def test_eval_with_another_model_is_refused(trained, capsys):
     _, workdir, _ = trained
     code, _, err = run(capsys, "eval", "--workdir", workdir, "--batches", "1",
                        "--config.model.d_model=48")
     assert code == 2 and "cannot eval" in err
     assert "model.d_model (checkpoint: 32, now: 48)" in err and "new --workdir" not in err
+
+
+def test_only_schedules_that_span_the_run_are_said_to_stretch():
+    import ml_collections
+
+    from nl_jax.train.loop import _levels_spanning_the_run
+    levels = ml_collections.ConfigDict(dict(
+        a=dict(params="x", every=1, optimizer=dict(name="adamw", schedule=dict(
+            name="warmup_cosine", warmup_steps=3))),
+        b=dict(params="y", every=2, optimizer=dict(name="sgd", schedule=dict(
+            name="constant"))),
+        c=dict(params="z", every="never", optimizer=dict(name="adamw", schedule=dict(
+            name="warmup_linear"))),
+        d=dict(params="w", every=1, optimizer=dict(name="sgd")),
+        e=dict(params="v", every=4, optimizer=dict(name="sgd", schedule=dict(
+            name="warmup_linear")))))
+    assert _levels_spanning_the_run(levels) == ["a", "e"]

@@ -28,6 +28,10 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 }
 
 
+# Schedules whose shape depends on the run's length (train.steps).
+SPAN_TOTAL_STEPS = frozenset({"warmup_cosine", "warmup_linear"})
+
+
 def build_schedule(spec: Mapping[str, Any] | None, peak: float, total_steps: int,
                    where: str = "schedule") -> optax.Schedule:
     """``step -> learning rate`` for ``spec`` (see the module docstring)."""

@@ -23,9 +23,9 @@ from nl_jax.errors import CheckpointError, CheckpointStructureError
 # optimizer state structure, token stream).  Other keys (steps, logging) may change.
 RESUME_KEYS = ("model", "levels", "data.seq_len", "data.batch_size", "data.tokenizer",
                "data.train_files")
-# ... and for reading its weights (eval, generate): any context length, batch
-# size or data files will do.
-READ_KEYS = ("model", "levels", "data.tokenizer")
+# ... and for reading its weights (eval, generate restore step and params alone):
+# any optimizer levels, context length, batch size or data files will do.
+READ_KEYS = ("model", "data.tokenizer")
 # Keys inside those groups that may change anyway: they shape no saved array.
 # Learning rates and schedules are recomputed from the restored update counts
 # (other optimizer hyperparameters live in the optimizer state and may not).
@@ -137,13 +137,19 @@ class Checkpointer:
         return [d for key in keys for d in config_differences(
             lookup(saved, key), lookup(self.config, key), key + ".", skip)]
 
-    def restore(self, step: int, abstract_state: Any,
-                with_data: bool = True) -> tuple[Any, dict | None]:
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
-        if with_data:
-            items["data"] = ocp.args.JsonRestore()
-        restored = self._read(step, "state", **items)
-        return restored["state"], restored["data"] if with_data else None
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """The whole train state and the data iterator state (to resume training)."""
+        restored = self._read(step, "state", state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore())
+        return restored["state"], restored["data"]
+
+    def restore_params(self, step: int, abstract_state: Any) -> Any:
+        """``{"step", "params"}`` of a checkpoint (``abstract_state`` holds those two
+        keys): the optimizer state is never read, so evaluating or sampling a model
+        needs memory for its weights alone, whatever optimizer trained it."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        return self._read(step, "state", state=ocp.args.PyTreeRestore(
+            abstract_state, restore_args=restore_args, partial_restore=True))["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -124,28 +124,32 @@ class Trainer:
             self.state = self._init_state()
             self.writer.truncate(0)
             return 0
-        training = self.purpose == "train"
-        self.saved_config = self.checkpointer.check_compatible(
-            step, ckpt_lib.RESUME_KEYS if training else ckpt_lib.READ_KEYS,
-            "resume from" if training else self.purpose)
+        if self.purpose != "train":
+            # eval and generate: the weights alone, the optimizer state is never read
+            self.saved_config = self.checkpointer.check_compatible(
+                step, ckpt_lib.READ_KEYS, self.purpose)
+            keys = ("step", "params")
+            self.state = self.checkpointer.restore_params(step, ckpt_lib.abstract_with_shardings(
+                {k: self.abstract_state[k] for k in keys}, {k: self.shardings[k] for k in keys}))
+            self.resumed_from = step
+            return step
+        self.saved_config = self.checkpointer.check_compatible(step, ckpt_lib.RESUME_KEYS)
         abstract = ckpt_lib.abstract_with_shardings(self.abstract_state, self.shardings)
         try:
-            self.state, data_state = self.checkpointer.restore(step, abstract,
-                                                               with_data=training)
+            self.state, data_state = self.checkpointer.restore(step, abstract)
         except CheckpointStructureError:
-            self.state, data_state = self._restore_legacy(step, abstract, training)
-        if training:
-            self.data.set_state(data_state)
+            self.state, data_state = self._restore_legacy(step, abstract)
+        self.data.set_state(data_state)
         self.writer.truncate(step)
         self.resumed_from = step
         return step
 
-    def _restore_legacy(self, step: int, abstract: dict, training: bool):
+    def _restore_legacy(self, step: int, abstract: dict):
         """Checkpoints written before the optimizer always began with the (stateless)
         clip step hold the levels' state alone; restore that and put it back in
         place.  Any other structure difference raises CheckpointStructureError."""
         legacy = dict(abstract, opt_state=abstract["opt_state"][1])
-        state, data_state = self.checkpointer.restore(step, legacy, with_data=training)
+        state, data_state = self.checkpointer.restore(step, legacy)
         state["opt_state"] = (abstract["opt_state"][0], state["opt_state"])
         return state, data_state
 
@@ -173,6 +177,14 @@ class Trainer:
                      mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
                      mem.output_size_in_bytes / 2**20)
         self.train_step = compiled
+
+
+def _levels_spanning_the_run(levels_cfg) -> list[str]:
+    """Names of the trainable levels whose schedule's shape depends on train.steps."""
+    from nl_jax.optim.schedules import SPAN_TOTAL_STEPS
+    return [name for name, level in levels_cfg.items() if level.get("every") != "never"
+            and (level.get("optimizer", {}).get("schedule") or {}).get("name")
+            in SPAN_TOTAL_STEPS]
 
 
 def _peek_batch(config) -> dict[str, np.ndarray]:
@@ -211,9 +223,12 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         f"workdir {workdir}")
     if start:
         before = ckpt_lib.lookup(trainer.saved_config, "train.steps")
-        stretched = (f" (train.steps {before} -> {cfg.steps}: the learning-rate "
-                     f"schedule now spans {cfg.steps} steps)"
-                     if before not in (None, cfg.steps) else "")
+        stretched = ""
+        if before not in (None, cfg.steps):
+            spanning = _levels_spanning_the_run(config.levels)
+            stretched = (f" (train.steps {before} -> {cfg.steps}"
+                         + (f": the learning-rate schedule of level(s) {', '.join(spanning)} "
+                            f"now spans {cfg.steps} steps)" if spanning else ")"))
         say(f"resuming from step {start}{stretched}")
         changed = trainer.checkpointer.changed_on_resume(trainer.saved_config)
         if changed:
@@ -244,7 +259,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         signal.signal(sig, on_stop_signal)
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    first_loss = last = diverged = unchecked = None
+    last = diverged = unchecked = None
+    logged = trainer.writer.first("train") if start else None   # the run's, across resumes
+    first_loss = logged.get("loss") if logged else None
     timer, window_steps = metrics_lib.Timer(), 0
     aborted = False
     try:

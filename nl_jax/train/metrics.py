@@ -51,6 +51,21 @@ class MetricsWriter:
                 f.writelines(kept)
             os.replace(tmp, self.path)
 
+    def first(self, split: str) -> dict[str, Any] | None:
+        """The earliest record of ``split`` already in the JSONL file (None if none):
+        a resumed run reports the run's first loss, not its invocation's."""
+        if not self.enabled or not os.path.exists(self.path):
+            return None
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("split") == split:
+                    return record
+        return None
+
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
         os.makedirs(self.workdir, exist_ok=True)
