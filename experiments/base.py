@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("memory_heads", "tensor"),
+        ("memory_state", "fsdp"),
     ))
     return c
 

@@ -75,6 +75,22 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def memory_state_axes(ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a memory's initial state M_0 (an outer-level parameter of
+    shape ``[heads, ..., last]``): heads, then ``memory_state`` on the last
+    dimension, which the rules map to ``fsdp`` so M_0 and its optimizer state are
+    stored sharded like every other weight (``gather_memory_state`` at use)."""
+    return ("memory_heads",) + (None,) * (ndim - 2) + ("memory_state",) if ndim > 1 else (
+        "memory_heads",)
+
+
+def gather_memory_state(w: jax.Array) -> jax.Array:
+    """M_0 whole on each device (but still split over heads) before it is
+    broadcast over the batch: the FSDP all-gather at use (its gradient is a
+    reduce-scatter)."""
+    return constrain(w, ("memory_heads",) + (None,) * (w.ndim - 1))
+
+
 def local_mesh_axes(axes: Sequence[str | None], shape: Sequence[int]
                     ) -> tuple[jax.sharding.Mesh, P] | None:
     """(mesh, spec) to run per-shard code (``jax.shard_map``) over dimensions named

@@ -3,15 +3,26 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 from experiments import base
+from nl_jax.levels import param_paths
 from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
 from nl_jax.train.state import init_train_state
 from nl_jax.train.step import make_train_step
 
 
-def _config(fsdp, tensor):
+def _config(fsdp, tensor, family="transformer"):
     c = base.get_config()
+    if family == "titans":       # deep (MLP) memory: M_0 is w1 and w2, sharded over fsdp
+        from experiments.titans import tiny
+        c = tiny.get_config()
+        c.model.memory.update(kind="mlp", chunk_size=4, window=8)
+    elif family == "hope":
+        from experiments.hope import tiny
+        c = tiny.get_config()
+        c.model.self_modifying.update(chunk_size=8, memory_chunk_size=4)
+        c.model.cms.periods = (8, "never")
     c.model.vocab_size = 64
     c.model.d_model = 32
     c.model.n_heads = 4
@@ -35,18 +46,26 @@ def _run_step(c, devices, batch):
     return new_state, metrics, shardings
 
 
-def test_fsdp_tensor_mesh_step_equals_single_device():
+@pytest.mark.parametrize("family", ["transformer", "titans", "hope"])
+def test_fsdp_tensor_mesh_step_equals_single_device(family):
     assert len(jax.devices()) == 8, "conftest must provide 8 CPU devices"
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, size=(8, 17)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
-    single, m1, _ = _run_step(_config(1, 1), jax.devices()[:1], batch)
-    sharded, m8, shardings = _run_step(_config(4, 2), jax.devices(), batch)
+    single, m1, _ = _run_step(_config(1, 1, family), jax.devices()[:1], batch)
+    sharded, m8, shardings = _run_step(_config(4, 2, family), jax.devices(), batch)
 
-    # The mesh really shards: some parameter is split over fsdp and tensor.
+    # The mesh really shards: some parameter is split over fsdp and tensor, and
+    # a memory's initial state M_0 is split over heads (tensor) and fsdp.
     specs = {tuple(s.spec) for s in jax.tree.leaves(shardings["params"])}
     assert ("fsdp", "tensor") in specs or ("tensor", "fsdp") in specs
+    if family != "transformer":
+        memory_specs = {path: tuple(s.spec) for path, s in zip(
+            param_paths(shardings["params"]), jax.tree.leaves(shardings["params"]),
+            strict=True) if "/memories/" in path or "/init_params/" in path}
+        assert memory_specs and all(spec[0] == "tensor" and spec[-1] == "fsdp"
+                                    for spec in memory_specs.values()), memory_specs
     leaf = jax.tree.leaves(sharded["params"])[0]
     assert len(leaf.sharding.device_set) > 1
 

@@ -101,19 +101,37 @@ def test_causal_and_memory_carries_the_past(name):
     assert float(jnp.max(jnp.abs(y_early[:, 24:] - y[:, 24:]))) > 1e-3
 
 
+@pytest.mark.parametrize("cuts", [(16,), (5, 13, 14, 31)])
 @pytest.mark.parametrize("name", ["NeuralMemoryMixer", "MemoryAsGate", "MemoryAsContext",
                                   "MemoryAsLayer"])
-def test_streaming_equals_one_pass(name):
-    """Segment by segment == one pass at a cut on a chunk and segment boundary (16);
-    MAG and MAL also carry the sliding-window key/value cache across it."""
+def test_streaming_equals_one_pass(name, cuts):
+    """Segment by segment == one pass, at a cut on a chunk and segment boundary (16)
+    and at cuts off them (chunk 4, MAC segment 8; a one-token segment): the inputs
+    since the last boundary are re-run in front of the next segment.  MAG and MAL
+    also carry the sliding-window key/value cache across the cuts."""
     run, params = shared_run(name)
     x = inputs()
     y, state = run(params, x, None)
-    y1, s1 = run(params, x[:, :16], None)
-    y2, s2 = run(params, x[:, 16:], s1)
-    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, atol=2e-5)
-    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(state), strict=True):
+    ys, s = [], None
+    for lo, hi in zip((0,) + cuts, cuts + (T,), strict=True):
+        y_part, s = run(params, x[:, lo:hi], s)
+        ys.append(y_part)
+    np.testing.assert_allclose(jnp.concatenate(ys, 1), y, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_streaming_state_keeps_the_inputs_since_the_last_chunk():
+    """After 10 tokens (chunk 4) the state holds the memory at token 8 and the
+    inputs of tokens 8 and 9."""
+    run, params = shared_run("NeuralMemoryMixer")
+    x = inputs()
+    _, s10 = run(params, x[:, :10], None)
+    _, s8 = run(params, x[:, :8], None)
+    np.testing.assert_array_equal(s10.pending, x[:, 8:10])
+    assert s8.pending.shape == (B, 0, D)
+    for a, b in zip(jax.tree.leaves(s10.aligned), jax.tree.leaves(s8.aligned), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_mac_partial_last_segment_matches_the_longer_pass():

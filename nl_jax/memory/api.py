@@ -12,7 +12,8 @@ every real token, so they change no output, and the state is read at the last
 real token (a padded token with theta = 0 still adds S to M, so it is not
 applied).  Streaming segment by segment equals one pass when every segment
 but the last has a length that is a multiple of C (chunk boundaries must line
-up).
+up); the Titans layers (``models.titans.stream_aligned``) lift that condition
+by re-running the inputs since the last multiple.
 """
 
 from __future__ import annotations

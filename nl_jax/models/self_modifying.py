@@ -102,7 +102,7 @@ from nl_jax.memory.maps import clip_scale
 from nl_jax.memory.triangular import unit_lower_solve
 from nl_jax.models.cms import from_chunks, to_chunks
 from nl_jax.models.layers import CausalConv, Dense, l2_normalize, param
-from nl_jax.sharding import constrain
+from nl_jax.sharding import constrain, gather_memory_state, memory_state_axes
 
 EPS = 1e-6
 VECTOR_BOXES = ("k", "v", "q")
@@ -549,7 +549,7 @@ class SelfModifyingTitans(nnx.Module):
         self.wo = Dense(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
 
         def memory_params():
-            axes = ("memory_heads", None, None)
+            axes = memory_state_axes(3)
             if spec.kind == "linear":
                 # Identity plus noise: with an exact identity every adaptive
                 # memory would follow the same trajectory (same self-generated
@@ -581,7 +581,7 @@ class SelfModifyingTitans(nnx.Module):
     def _initial_memory_state(self, batch: int):
         def expand(tree):
             return jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape), tree)
-        weights = {b: {n: p[...] for n, p in self.memories[b].items()}
+        weights = {b: {n: gather_memory_state(p[...]) for n, p in self.memories[b].items()}
                    for b in self.memories}
         # Adaptive memories stacked on an axis after heads (order spec.adaptive): one
         # vmapped update instead of one traced copy per memory.

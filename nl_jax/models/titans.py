@@ -31,16 +31,15 @@ tests/test_titans.py):
 Every mixer is built as ``Cls(cfg, rngs=rngs)`` from ``config.model`` (with the
 sub-dict ``cfg.memory``) and called as ``y, state = mixer(x, state)``; the
 state carries the memory, the convolution tails and (MAG/MAL) the attention
-key/value window, so segment-by-segment equals one pass when every segment
-but the last is a multiple of ``memory.chunk_size`` (MAC: of
-``memory.segment_len``); other cuts move the chunk (segment) boundaries.
+key/value window and the inputs since the last chunk (MAC: segment) boundary
+(``stream_aligned``), so segment-by-segment equals one pass at any cut.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +56,7 @@ from nl_jax.memory import (
     maps,
 )
 from nl_jax.models.layers import CausalConv, Dense, RMSNorm, l2_normalize, param, rope
-from nl_jax.sharding import constrain
+from nl_jax.sharding import constrain, gather_memory_state, memory_state_axes
 
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(MemorySpec))
 TITANS_KEYS = ("segment_len", "n_persistent", "window", "remat_segments")
@@ -321,11 +320,11 @@ class MemoryCore(nnx.Module):
                                   self.head_dim)
         # The memory's initial state M_0 is an ordinary (outer-level) parameter.
         self.init_params = nnx.data({
-            name: param(rngs, w, w.shape, ("memory_heads",) + (None,) * (w.ndim - 1))
+            name: param(rngs, w, w.shape, memory_state_axes(w.ndim))
             for name, w in init.items()})
 
     def memory_init(self) -> dict:
-        return {name: p[...] for name, p in self.init_params.items()}
+        return {name: gather_memory_state(p[...]) for name, p in self.init_params.items()}
 
     def initial_state(self, batch_size: int) -> CoreState:
         tail = jnp.zeros((batch_size, CONV_WINDOW - 1, self.n_heads * self.head_dim),
@@ -366,6 +365,40 @@ def _gated(attn_norm: RMSNorm, memory_norm: RMSNorm, y: jax.Array, m: jax.Array)
     return y * jax.nn.sigmoid(memory_norm(m.astype(jnp.float32)))
 
 
+class StreamState(NamedTuple):
+    """Streaming state of a Titans mixer: its state at the last multiple of its
+    alignment (memory chunk, or MAC segment) and the inputs since, ``[B, r, d]``
+    with r below the alignment (a static shape)."""
+
+    aligned: Any
+    pending: jax.Array
+
+
+def stream_aligned(forward, x: jax.Array, state: StreamState | None, multiple: int):
+    """``forward(x, state) -> (y, state)``, a mixer whose chunks (or segments) start
+    at the beginning of each call, made exact at any streaming cut.
+
+    The inputs since the last multiple of ``multiple`` are kept in the state and
+    re-run, from the state at that multiple, in front of the next segment: every
+    chunk then sees the same tokens and starts from the same state as in one pass.
+    A call whose length is a multiple (every training step: ``data.seq_len`` is
+    validated to be one) runs ``forward`` once, as a plain call would.
+    """
+    aligned, pending = state if state is not None else (None, x[:, :0])
+    r = pending.shape[1]
+    xs = jnp.concatenate([pending.astype(x.dtype), x], axis=1) if r else x
+    t = xs.shape[1]
+    cut = t - t % multiple
+    outputs = []
+    if cut:
+        y, aligned = forward(xs[:, :cut], aligned)
+        outputs.append(y)
+    if cut < t:
+        outputs.append(forward(xs[:, cut:], aligned)[0])
+    y = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+    return y[:, r:], StreamState(aligned, xs[:, cut:])
+
+
 class NeuralMemory(nnx.Module):
     """The long-term memory module (LMM) as a layer: ``y, state = lmm(x, state)``.
 
@@ -380,7 +413,12 @@ class NeuralMemory(nnx.Module):
         self.out_gate = Dense(d, d, ("embed", "heads"), rngs=rngs, dtype=self.core.dtype)
         self.wo = Dense(d, d, ("heads", "embed"), rngs=rngs, dtype=self.core.dtype)
 
-    def __call__(self, x: jax.Array, state: CoreState | None = None):
+    def __call__(self, x: jax.Array, state: StreamState | None = None):
+        return stream_aligned(self.forward, x, state, self.core.spec.chunk_size)
+
+    def forward(self, x: jax.Array, state: CoreState | None = None):
+        """The layer on ``x`` from ``state`` (None: a fresh memory); its chunks
+        start at x[0]."""
         b, t, d = x.shape
         y, state = self.core.memorize(x, state)
         y = self.out_norm(y).reshape(b, t, d) * jax.nn.silu(self.out_gate(x)).astype(jnp.float32)
@@ -416,7 +454,10 @@ class MemoryAsGate(nnx.Module):
         self.wo = Dense(cfg.d_model, cfg.d_model, ("heads", "embed"), rngs=rngs,
                         dtype=self.dtype)
 
-    def __call__(self, x: jax.Array, state: GateState | None = None):
+    def __call__(self, x: jax.Array, state: StreamState | None = None):
+        return stream_aligned(self.forward, x, state, self.memory.spec.chunk_size)
+
+    def forward(self, x: jax.Array, state: GateState | None = None):
         b, t, d = x.shape
         attn_state, memory_state = state if state is not None else (None, None)
         y, attn_state = self.attention(x, attn_state)
@@ -450,10 +491,13 @@ class MemoryAsLayer(nnx.Module):
         self.wo = Dense(cfg.d_model, cfg.d_model, ("heads", "embed"), rngs=rngs,
                         dtype=self.dtype)
 
-    def __call__(self, x: jax.Array, state: LayerState | None = None):
+    def __call__(self, x: jax.Array, state: StreamState | None = None):
+        return stream_aligned(self.forward, x, state, self.memory.core.spec.chunk_size)
+
+    def forward(self, x: jax.Array, state: LayerState | None = None):
         b, t, d = x.shape
         memory_state, attn_state = state if state is not None else (None, None)
-        m, memory_state = self.memory(x, memory_state)
+        m, memory_state = self.memory.forward(x, memory_state)
         h = x + m.astype(x.dtype)
         y, attn_state = self.attention(self.attn_in_norm(h), attn_state)
         y = constrain(y.reshape(b, t, d), ("batch", "length", "heads"))
@@ -530,7 +574,10 @@ class MemoryAsContext(nnx.Module):
         m, memory_state = self.memory.memorize(self._merge(y), memory_state)
         return memory_state, _gated(self.attn_norm, self.memory_norm, y, m)
 
-    def __call__(self, x: jax.Array, state: ContextState | None = None):
+    def __call__(self, x: jax.Array, state: StreamState | None = None):
+        return stream_aligned(self.forward, x, state, self.segment_len)
+
+    def forward(self, x: jax.Array, state: ContextState | None = None):
         b, t, d = x.shape
         seg = self.segment_len
         conv_state, memory_state = state if state is not None else (None, None)
