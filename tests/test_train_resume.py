@@ -119,6 +119,7 @@ def test_resume_may_change_learning_rate_clipping_and_remat_only(runs, capsys):
     assert f"resuming from step {STEPS}" in out
     assert "with changed settings: " in out and "levels.default.optimizer.learning_rate" in out
     assert "model.remat (checkpoint: False, now: True)" in out
+    assert "train.grad_clip_norm (checkpoint: " in out
     c = tiny_config(tmp, STEPS + 4)
     c.levels.default.optimizer.b1 = 0.5
     with pytest.raises(Exception, match=r"levels\.default\.optimizer\.b1"):

@@ -31,6 +31,8 @@ READ_KEYS = ("model", "data.tokenizer")
 # (other optimizer hyperparameters live in the optimizer state and may not).
 CHANGEABLE = ("model.remat", "model.dtype", "levels.*.optimizer.learning_rate",
               "levels.*.optimizer.schedule", "levels.*.optimizer.schedule.*")
+# Training keys outside RESUME_KEYS that a resume reports when they change.
+REPORTED_ON_RESUME = ("train.grad_clip_norm",)
 
 
 def _normalise(value: Any) -> Any:
@@ -128,10 +130,12 @@ class Checkpointer:
                    else "."))
         return saved
 
-    def changed_on_resume(self, saved: dict, keys=RESUME_KEYS) -> list[str]:
-        """The ``CHANGEABLE`` keys whose values differ from the checkpoint's."""
-        return [d for d in self._differences(saved, keys)
-                if any(fnmatch.fnmatchcase(d.split(" ", 1)[0], p) for p in CHANGEABLE)]
+    def changed_on_resume(self, saved: dict) -> list[str]:
+        """The ``CHANGEABLE`` and ``REPORTED_ON_RESUME`` keys whose values differ
+        from the checkpoint's."""
+        return [d for d in self._differences(saved, RESUME_KEYS + REPORTED_ON_RESUME)
+                if any(fnmatch.fnmatchcase(d.split(" ", 1)[0], p)
+                       for p in CHANGEABLE + REPORTED_ON_RESUME)]
 
     def _differences(self, saved: dict, keys, skip: tuple[str, ...] = ()) -> list[str]:
         return [d for key in keys for d in config_differences(
