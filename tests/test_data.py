@@ -126,6 +126,8 @@ def test_gpt2_loader_reads_openai_file_pair(tmp_path):
         assert tok.encode("Hell wor") == [tokens.index("Hell"), tokens.index("Ġwor")]
         assert tok.decode(tok.encode("Hello world")) == "Hello world"
         assert tok.eos_id == tokens.index("<|endoftext|>") and tok.vocab_size == len(tokens)
+        assert tok.encode_batch(["Hello world world", "Hell wor"]) == [
+            tok.encode("Hello world world"), tok.encode("Hell wor")]
     assert by_folder.fingerprint == by_paths.fingerprint
 
 
@@ -156,6 +158,8 @@ def test_sentencepiece_loader_on_a_trained_tiny_model(tmp_path, alice_text):
     text = "Alice was beginning to get very tired of sitting by her sister, ß€"
     ids = tok.encode(text)
     assert ids == processor.encode(text)
+    assert tok.encode_batch([text, alice_text[:5000], "x"]) == [
+        ids, processor.encode(alice_text[:5000]), processor.encode("x")]
     assert tok.decode(ids) == text
     assert tok.fingerprint.startswith("sentencepiece:")
 
@@ -198,6 +202,40 @@ def test_cache_holds_documents_separated_by_eos_and_is_reused(tmp_path, bpe, ali
     assert third.built and third.key != first.key
     assert third.tokens.size < first.tokens.size
     assert len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 2
+
+
+class _EncodeOnly:
+    """A tokenizer without encode_batch: the cache encodes document by document."""
+
+    def __init__(self, tok):
+        self.vocab_size, self.eos_id = tok.vocab_size, tok.eos_id
+        self.fingerprint, self.encode = tok.fingerprint, tok.encode
+
+
+def test_batched_cache_build_equals_document_by_document(tmp_path, bpe, alice_text,
+                                                         monkeypatch):
+    """Files are encoded in batches (encode_batch, all cores) of at most BATCH_BYTES
+    of text: any grouping gives the tokens of encoding each document on its own."""
+    chunks = tuple((i * 5000, (i + 1) * 5000) for i in range(5))
+    folder = _corpus(tmp_path, alice_text, chunks=chunks)
+    files = [str(folder / f"doc{i}.txt") for i in range(5)]
+    expected = np.concatenate([np.asarray(bpe.encode(alice_text[a:b]) + [bpe.eos_id])
+                               for a, b in chunks])
+    groups = []
+    real_batch = token_cache._batch_tokens
+
+    def recording(paths, tokenizer, dtype):
+        groups.append(len(paths))
+        return real_batch(paths, tokenizer, dtype)
+
+    monkeypatch.setattr(token_cache, "_batch_tokens", recording)
+    for limit, tokenizer, sizes in ((10**9, bpe, [5]), (12000, bpe, [2, 2, 1]),
+                                    (1, bpe, [1] * 5), (12000, _EncodeOnly(bpe), [2, 2, 1])):
+        monkeypatch.setattr(token_cache, "BATCH_BYTES", limit)
+        groups.clear()
+        built = token_cache.load_or_build(files, tokenizer, None)
+        assert groups == sizes
+        np.testing.assert_array_equal(built.tokens, expected)
 
 
 def test_a_damaged_cache_file_is_rebuilt_and_new_files_follow_the_umask(
@@ -271,6 +309,7 @@ def test_cache_entry_is_keyed_by_the_bytes_it_was_tokenized_from(
 def test_special_token_text_in_a_document_is_not_an_end_of_document(bpe):
     ids = bpe.encode("a <|endoftext|> b")
     assert bpe.eos_id not in ids and bpe.decode(ids) == "a <|endoftext|> b"
+    assert bpe.encode_batch(["a <|endoftext|> b"]) == [ids]     # the cache's path
 
 
 def test_cache_key_depends_on_the_tokenizer(tmp_path, bpe, alice_text):

@@ -4,8 +4,9 @@ The files are read with `text_files.read_text`, tokenized one file (one
 document) at a time, each followed by the tokenizer's eos id, and
 concatenated.  The array is saved as ``tokens-<key>.npy`` (uint16 when the
 vocabulary fits, else uint32) next to a ``.json`` describing it; it is
-streamed to disk file by file (memory O(largest file), not O(corpus)) and
-read back memory-mapped.  The key
+streamed to disk in batches of files, each batch encoded on all cores
+(memory O(64 MiB of text + largest file), not O(corpus)), and read back
+memory-mapped.  The key
 hashes the tokenizer fingerprint, the tokenizer libraries' versions and the
 SHA-256 of every file's bytes in order, so an edited file or another
 tokenizer gives a new cache entry and an unchanged corpus is never tokenized
@@ -24,7 +25,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -88,22 +89,59 @@ def cache_key(files: Sequence[str], tokenizer_fingerprint: str,
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def _file_tokens(path: str, tokenizer, dtype: np.dtype) -> tuple[np.ndarray, str]:
-    """One document's ids followed by eos, and the SHA-256 of the bytes they came from."""
-    text, sha = text_files.read_text_hashed(path)
-    ids = np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], dtype=np.int64)
-    if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
-        raise DataError(f"tokenizer {tokenizer.fingerprint} produced ids outside "
-                        f"[0, {tokenizer.vocab_size}) on {path}; the tokenizer file is "
-                        f"inconsistent")
-    return ids.astype(dtype), sha
+# Text bytes read for one parallel tokenizer call (the cache build's memory bound,
+# beyond the largest single file).
+BATCH_BYTES = 64 * 2**20
+
+
+def _file_batches(files: Sequence[str]) -> Iterator[list[str]]:
+    """`files` in order, grouped so that each group holds at most BATCH_BYTES of
+    text (a larger file is a group of its own)."""
+    group, size = [], 0
+    for path in files:
+        try:
+            n = os.path.getsize(path)
+        except OSError:
+            n = 0      # read_text_hashed names the file and the problem
+        if group and size + n > BATCH_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(path)
+        size += n
+    if group:
+        yield group
+
+
+def _batch_tokens(paths: Sequence[str], tokenizer, dtype: np.dtype
+                  ) -> Iterator[tuple[np.ndarray, str]]:
+    """Each document's ids followed by eos, and the SHA-256 of the bytes they came
+    from.  The documents are encoded by one batch call, which the tokenizer
+    libraries run on all cores (``encode_batch``; one ``encode`` per document for
+    a tokenizer without it); each document is encoded on its own, as ``encode``
+    would."""
+    read = [text_files.read_text_hashed(path) for path in paths]
+    texts = [text for text, _ in read]
+    batch = getattr(tokenizer, "encode_batch", None)
+    encoded = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
+    for path, (_, sha), ids in zip(paths, read, encoded, strict=True):
+        ids = np.asarray(list(ids) + [tokenizer.eos_id], dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+            raise DataError(f"tokenizer {tokenizer.fingerprint} produced ids outside "
+                            f"[0, {tokenizer.vocab_size}) on {path}; the tokenizer file is "
+                            f"inconsistent")
+        yield ids.astype(dtype), sha
+
+
+def _tokens(files: Sequence[str], tokenizer, dtype: np.dtype
+            ) -> Iterator[tuple[np.ndarray, str]]:
+    for group in _file_batches(files):
+        yield from _batch_tokens(group, tokenizer, dtype)
 
 
 def tokenize_files_hashed(files: Sequence[str], tokenizer) -> tuple[np.ndarray, list[str]]:
     """Concatenated tokens of the files (each followed by `tokenizer.eos_id`) and the
     SHA-256 of the bytes each file's tokens came from."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    parts = [_file_tokens(path, tokenizer, dtype) for path in files]
+    parts = list(_tokens(files, tokenizer, token_dtype(tokenizer.vocab_size)))
     return np.concatenate([ids for ids, _ in parts]), [sha for _, sha in parts]
 
 
@@ -123,15 +161,15 @@ def _npy_header(dtype: np.dtype, count: int) -> bytes:
 def _stream_npy(f, files: Sequence[str], tokenizer, dtype: np.dtype) -> list[str]:
     """Writes the tokens of `files` to `f` as a 1-D .npy, one file at a time.
 
-    Memory stays O(largest file): each document's ids go straight to disk
-    after a header slot that is filled in once the token count is known (the
-    .npy header is padded to a fixed 128 bytes for any realistic count).
+    Memory stays O(BATCH_BYTES + largest file), not O(corpus): each batch of
+    documents' ids goes straight to disk after a header slot that is filled in
+    once the token count is known (the .npy header is padded to a fixed 128
+    bytes for any realistic count).
     """
     slot = len(_npy_header(dtype, 10**18))
     f.write(b"\0" * slot)
     count, hashes = 0, []
-    for path in files:
-        ids, sha = _file_tokens(path, tokenizer, dtype)
+    for ids, sha in _tokens(files, tokenizer, dtype):
         f.write(ids.tobytes())
         count += ids.size
         hashes.append(sha)

@@ -41,6 +41,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added)."""
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, on all cores (optional: the token cache
+        calls ``encode`` per document when a tokenizer lacks it)."""
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the token ids."""
 
@@ -81,6 +85,10 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self._tok.encode_batch(list(texts),
+                                                            add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -99,6 +107,9 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(list(texts), num_threads=-1)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
