@@ -154,6 +154,9 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", action="store_true",
+                        help="slide a window of data.seq_len tokens even for models whose "
+                             "memory carries the whole text (Titans, Hope)")
     args = parser.parse_args(rest)
     if args.tokens < 1:
         raise UserError(f"generate: --tokens must be a positive integer, got {args.tokens}")
@@ -165,7 +168,7 @@ def cmd_generate(argv: list[str]) -> int:
     print(generate(trainer.model_def, trainer.state["params"], trainer.tokenizer,
                    prompt=args.prompt, num_tokens=args.tokens,
                    max_len=config.data.seq_len, temperature=args.temperature,
-                   seed=args.seed))
+                   seed=args.seed, stream=False if args.window else None))
     return 0
 
 

@@ -1,35 +1,74 @@
-"""Text sampling from a trained LM (full forward per token, fixed length)."""
+"""Text sampling from a trained LM (one fixed-shape forward per token)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nl_jax.models.lm import streams_exactly
+
+
+class NextTokenLogits:
+    """Logits of the next token of a growing text, one ``[1, max_len]`` forward per
+    call (compiled once; causality makes the padding after the text irrelevant).
+
+    ``stream`` (default: whether the model ``streams_exactly``, i.e. Titans and
+    Hope): the text is cut into segments of ``max_len`` tokens; the window holds
+    the current segment and starts from the model's state after all earlier
+    ones, so the memory carries the whole text, however long, and the logits are
+    those of one pass over it.  Otherwise (attention models, which keep no
+    cache) the window slides over the last ``max_len`` tokens.  Calls must see
+    the text only grow (each call's ids extend the previous call's).
+    """
+
+    def __init__(self, model_def, params, *, max_len: int, stream: bool | None = None):
+        self.params, self.max_len = params, max_len
+        self.stream = streams_exactly(model_def.bind(params)) if stream is None else stream
+        self.state, self.segment_start = None, 0   # ids[:segment_start] are in state
+
+        @jax.jit
+        def run(params, window, pos, state):
+            logits, state = model_def.bind(params)(window, state)
+            return jax.lax.dynamic_index_in_dim(logits[0], pos, keepdims=False), state
+
+        self._run = run
+
+    def _window(self, tokens: Sequence[int]) -> jax.Array:
+        window = np.zeros((1, self.max_len), np.int32)
+        window[0, :len(tokens)] = tokens
+        return jnp.asarray(window)
+
+    def __call__(self, ids: Sequence[int]) -> jax.Array:
+        if not self.stream:
+            ctx = list(ids[-self.max_len:])
+            return self._run(self.params, self._window(ctx), len(ctx) - 1, None)[0]
+        while len(ids) - self.segment_start > self.max_len:   # whole segments not yet in
+            start = self.segment_start
+            _, self.state = self._run(self.params, self._window(ids[start:start + self.max_len]),
+                                      0, self.state)
+            self.segment_start += self.max_len
+        ctx = list(ids[self.segment_start:])
+        logits, after = self._run(self.params, self._window(ctx), len(ctx) - 1, self.state)
+        if len(ctx) == self.max_len:   # a whole segment (no padding): its state is exact
+            self.state, self.segment_start = after, self.segment_start + self.max_len
+        return logits
+
 
 def generate(model_def, params, tokenizer, *, prompt: str, num_tokens: int,
-             max_len: int, temperature: float = 0.8, seed: int = 0) -> str:
-    """Samples ``num_tokens`` after ``prompt``; returns prompt + continuation.
-
-    The model runs on a fixed ``[1, max_len]`` window (compiled once); the
-    window slides when the text grows longer.  Causality makes the padding
-    after the current position irrelevant.
-    """
+             max_len: int, temperature: float = 0.8, seed: int = 0,
+             stream: bool | None = None) -> str:
+    """Samples ``num_tokens`` after ``prompt`` (``temperature`` 0: greedy); returns
+    prompt + continuation.  ``stream``: see ``NextTokenLogits``."""
     ids = list(tokenizer.encode(prompt))
     start = 0 if ids else 1      # an empty prompt: start after an end-of-text token
     ids = ids or [tokenizer.eos_id]
-
-    @jax.jit
-    def next_logits(params, window, pos):
-        logits, _ = model_def.bind(params)(window)
-        return jax.lax.dynamic_index_in_dim(logits[0], pos, keepdims=False)
-
+    next_logits = NextTokenLogits(model_def, params, max_len=max_len, stream=stream)
     key = jax.random.key(seed)
     for _ in range(num_tokens):
-        ctx = ids[-max_len:]
-        window = np.zeros((1, max_len), np.int32)
-        window[0, :len(ctx)] = ctx
-        logits = next_logits(params, jnp.asarray(window), len(ctx) - 1)
+        logits = next_logits(ids)
         key, sub = jax.random.split(key)
         if temperature > 0:
             tok = int(jax.random.categorical(sub, logits / temperature))

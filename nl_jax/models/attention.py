@@ -40,6 +40,8 @@ class CausalSelfAttention(nnx.Module):
     between segments here (``state`` is passed through as ``None``).
     """
 
+    streams_exactly = False   # no key/value cache is kept: a segment sees only itself
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, h = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim = h, d // h

@@ -390,6 +390,8 @@ class CMSLevel(nnx.Module):
 class ContinuumMemory(nnx.Module):
     """CMS channel mixer: ``y, state = cms(x, state)`` (Eq. 70-74)."""
 
+    streams_exactly = True   # at any cut
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         c = dict(cfg.get("cms", None) or {})
         known = {"periods", "variant", "block", "d_ff", "lr", "target", "use_cms",

@@ -128,6 +128,8 @@ class SwiGLU(nnx.Module):
     (a plain MLP has no in-context state and returns ``None``).
     """
 
+    streams_exactly = True   # position-wise: no state
+
     def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.gate = Dense(d_model, d_ff, ("embed", "mlp"), rngs=rngs, dtype=dtype)
         self.up = Dense(d_model, d_ff, ("embed", "mlp"), rngs=rngs, dtype=dtype)

@@ -117,5 +117,13 @@ class LanguageModel(nnx.Module):
         return logits, tuple(new_states)
 
 
+def streams_exactly(model: LanguageModel) -> bool:
+    """Whether feeding a text segment by segment, passing the state on, gives the
+    logits of one pass at any cut: every mixer and channel mixer carries its
+    whole past in the state (Titans, Hope; not attention, which keeps no cache)."""
+    return all(getattr(block.mixer, "streams_exactly", False)
+               and getattr(block.mlp, "streams_exactly", False) for block in model.blocks)
+
+
 def param_count(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

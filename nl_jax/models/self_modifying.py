@@ -516,6 +516,8 @@ def _config(cfg) -> dict:
 class SelfModifyingTitans(nnx.Module):
     """Hope's token mixer: ``y, state = mixer(x, state)`` (Eq. 83-93)."""
 
+    streams_exactly = True   # at any cut
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         c = _config(cfg)
         self.spec = spec = _Spec(c)

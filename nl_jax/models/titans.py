@@ -406,6 +406,8 @@ class NeuralMemory(nnx.Module):
     before the output projection).
     """
 
+    streams_exactly = True   # at any cut (stream_aligned)
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d = cfg.d_model
         self.core = MemoryCore(cfg, memory_spec_from_config(cfg), rngs=rngs)
@@ -441,6 +443,8 @@ class GateState(NamedTuple):
 
 class MemoryAsGate(nnx.Module):
     """Titans MAG (Eq. 26-28): o = W_o [norm(SWA(x)) * sigmoid(norm(M(x)))]."""
+
+    streams_exactly = True   # at any cut (stream_aligned)
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         spec = memory_spec_from_config(cfg)
@@ -482,6 +486,8 @@ class MemoryAsLayer(nnx.Module):
     stream, which the mixer interface does not pass in.
     """
 
+    streams_exactly = True   # at any cut (stream_aligned)
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.memory = NeuralMemory(cfg, rngs=rngs)
         self.attention = SlidingWindowAttention(
@@ -519,6 +525,8 @@ class MemoryAsContext(nnx.Module):
       o = W_o [norm(y) * sigmoid(norm(m))]                              (Eq. 25)
     A trailing partial segment is processed the same way, on its own.
     """
+
+    streams_exactly = True   # at any cut (stream_aligned)
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d = cfg.d_model
