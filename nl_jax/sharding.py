@@ -75,11 +75,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+# Logical axes split only over the mesh axes that divide the dimension (the
+# rest replicated) instead of a config error: a memory's per-head dimensions
+# (64 or 96) are smaller than the fsdp sizes of large pods.
+DIVISIBLE_ONLY = frozenset({"memory_state"})
+
+
 def memory_state_axes(ndim: int) -> tuple[str | None, ...]:
     """Logical axes of a memory's initial state M_0 (an outer-level parameter of
     shape ``[heads, ..., last]``): heads, then ``memory_state`` on the last
     dimension, which the rules map to ``fsdp`` so M_0 and its optimizer state are
-    stored sharded like every other weight (``gather_memory_state`` at use)."""
+    stored sharded like every other weight (``gather_memory_state`` at use)
+    where fsdp divides that dimension (``DIVISIBLE_ONLY``)."""
     return ("memory_heads",) + (None,) * (ndim - 2) + ("memory_state",) if ndim > 1 else (
         "memory_heads",)
 
@@ -89,6 +96,26 @@ def gather_memory_state(w: jax.Array) -> jax.Array:
     broadcast over the batch: the FSDP all-gather at use (its gradient is a
     reduce-scatter)."""
     return constrain(w, ("memory_heads",) + (None,) * (w.ndim - 1))
+
+
+def dividing_prefix(target, size: int, mesh_shape) -> str | tuple[str, ...] | None:
+    """The longest prefix of the mesh axes ``target`` (a PartitionSpec entry) whose
+    product divides ``size``, as a PartitionSpec entry."""
+    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    kept: tuple[str, ...] = ()
+    for name in names:
+        if size % (math.prod(mesh_shape[n] for n in kept) * mesh_shape[name]):
+            break
+        kept += (name,)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def fit_divisible_only(spec: P, names: Sequence[str | None], shape: Sequence[int],
+                       mesh_shape) -> P:
+    """``spec`` with the dimensions named in ``DIVISIBLE_ONLY`` cut to the mesh axes
+    that divide them."""
+    return P(*(dividing_prefix(target, size, mesh_shape) if name in DIVISIBLE_ONLY
+               else target for target, name, size in zip(spec, names, shape, strict=True)))
 
 
 def local_mesh_axes(axes: Sequence[str | None], shape: Sequence[int]
@@ -101,14 +128,5 @@ def local_mesh_axes(axes: Sequence[str | None], shape: Sequence[int]
     if ctx is None or ctx[0].size == 1:
         return None
     mesh, rules = ctx
-    spec = []
-    for target, size in zip(logical_to_mesh_spec(axes, rules, mesh.axis_names), shape,
-                            strict=True):
-        names = () if target is None else (target,) if isinstance(target, str) else target
-        kept: tuple[str, ...] = ()
-        for name in names:
-            if size % (math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]):
-                break
-            kept += (name,)
-        spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-    return mesh, P(*spec)
+    return mesh, P(*(dividing_prefix(target, size, mesh.shape) for target, size in zip(
+        logical_to_mesh_spec(axes, rules, mesh.axis_names), shape, strict=True)))

@@ -306,6 +306,20 @@ def test_cache_entry_is_keyed_by_the_bytes_it_was_tokenized_from(
     assert names == [f"tokens-{built.key[:32]}.npy"]
 
 
+def test_a_tokenizer_file_with_padding_or_truncation_encodes_whole_documents(tmp_path, bpe):
+    """Padding (encode_batch would pad each document to the longest) and truncation
+    set in a tokenizer.json are switched off: the ids are each document's own."""
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(os.path.join(ASSETS, "tokenizer", "bpe_2k.json"))
+    hf.enable_padding(pad_id=bpe.eos_id)
+    hf.enable_truncation(max_length=3)
+    hf.save(str(tmp_path / "padded.json"))
+    tok = tok_lib.load_tokenizer({"kind": "bpe_json", "path": "padded.json"}, str(tmp_path))
+    texts = ["Alice was beginning to get very tired", "of sitting"]
+    assert tok.encode_batch(texts) == [bpe.encode(t) for t in texts]
+    assert tok.encode(texts[0]) == bpe.encode(texts[0]) and len(bpe.encode(texts[0])) > 3
+
+
 def test_special_token_text_in_a_document_is_not_an_end_of_document(bpe):
     ids = bpe.encode("a <|endoftext|> b")
     assert bpe.eos_id not in ids and bpe.decode(ids) == "a <|endoftext|> b"

@@ -102,3 +102,28 @@ def test_greedy_generation_follows_the_one_pass_argmax():
     assert ids[:11] == prompt and len(ids) == 26
     full = one_pass(model_def, params, ids)
     assert ids[11:] == [int(jnp.argmax(full[p - 1])) for p in range(11, 26)]
+
+
+def test_the_text_must_grow_and_a_repeated_call_repeats_the_logits():
+    model_def, params = model("titans_mag")
+    ids = tokens()
+    next_logits = NextTokenLogits(model_def, params, max_len=MAX_LEN)
+    at_boundary = next_logits(ids[:MAX_LEN])          # a whole segment: folded in
+    np.testing.assert_array_equal(next_logits(ids[:MAX_LEN]), at_boundary)
+    with pytest.raises(ValueError, match="do not extend"):
+        next_logits(ids[1:MAX_LEN + 2])
+    with pytest.raises(ValueError, match="at least one token"):
+        NextTokenLogits(model_def, params, max_len=MAX_LEN)([])
+
+
+def test_a_cms_level_as_slow_as_the_window_keeps_the_sliding_window():
+    """Period 8 = max_len: in training the level fires at the sequence's end, after
+    every output; streaming would let its update act, so the default is the window."""
+    c = model_config("hope")
+    c.cms.periods = (8, "never")
+    graphdef, params, rest = nnx.split(build_model(c, 0), nnx.Param, ...)
+    model_def = ModelDef(graphdef, rest)
+    assert streams_exactly(model_def.bind(params))
+    assert not NextTokenLogits(model_def, params, max_len=8).stream
+    assert NextTokenLogits(model_def, params, max_len=16).stream
+    assert NextTokenLogits(model_def, params, max_len=8, stream=True).stream

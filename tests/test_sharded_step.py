@@ -159,3 +159,23 @@ def test_a_dimension_the_mesh_cannot_split_is_a_config_error():
     with pytest.raises(ConfigError, match=r"parameter blocks/0/mixer/w\w/kernel of shape "
                                           r"\(36, 36\) cannot be sharded.*mesh.tensor"):
         param_shardings(abstract, make_mesh(c.mesh, jax.devices()), _rules())
+
+
+@pytest.mark.parametrize("d_model, expected", [(64, "fsdp"), (24, None)])
+def test_memory_state_is_split_over_fsdp_only_where_it_divides(d_model, expected):
+    """M_0's last dimension (head_dim 32 or 12 here) goes over fsdp = 8 only when 8
+    divides it; otherwise it stays whole (no config error: pod fsdp sizes exceed
+    the per-head dimensions), while every other dimension is still checked."""
+    from experiments.titans import tiny
+    from nl_jax.train.mesh import param_shardings
+    from nl_jax.train.state import abstract_model
+    c = tiny.get_config()
+    c.model.update(vocab_size=64, d_model=d_model, n_heads=2, d_ff=64)
+    _, abstract = abstract_model(c.model, 0)
+    mesh = make_mesh(dict(data=1, fsdp=8, tensor=1), jax.devices())
+    shardings = param_shardings(abstract, mesh, tuple(tuple(r) for r in c.sharding.rules))
+    specs = {path: tuple(s.spec) for path, s in zip(
+        param_paths(shardings), jax.tree.leaves(shardings), strict=True)}
+    memory = {p: s for p, s in specs.items() if "/init_params/" in p}
+    assert memory and all(s[-1] == expected for s in memory.values()), memory
+    assert specs["embed"] == ("tensor", "fsdp")   # vocab -> tensor (size 1), embed -> fsdp

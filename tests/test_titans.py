@@ -121,6 +121,17 @@ def test_streaming_equals_one_pass(name, cuts):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_an_empty_segment_changes_nothing():
+    run, params = shared_run("NeuralMemoryMixer")
+    x = inputs()
+    _, s10 = run(params, x[:, :10], None)
+    y, s = run(params, x[:, :0], s10)
+    assert y.shape == (B, 0, D)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert run(params, x[:, :0], None)[0].shape == (B, 0, D)
+
+
 def test_streaming_state_keeps_the_inputs_since_the_last_chunk():
     """After 10 tokens (chunk 4) the state holds the memory at token 8 and the
     inputs of tokens 8 and 9."""

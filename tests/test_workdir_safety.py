@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from nl_jax.__main__ import main
@@ -215,6 +217,12 @@ def test_eval_reads_the_weights_alone(trained, capsys):
     trainer = Trainer(config, workdir, write_metrics=False, purpose="generate")
     assert trainer.maybe_restore() == 3
     assert set(trainer.state) == {"step", "params"}
+    full = Trainer(config, workdir, write_metrics=False)     # a resume reads it all
+    assert full.maybe_restore() == 3
+    for a, b in zip(jax.tree.leaves(trainer.state["params"]),
+                    jax.tree.leaves(full.state["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    full.checkpointer.close()
 
 
 def test_eval_with_another_model_is_refused(trained, capsys):

@@ -5,8 +5,8 @@ document) at a time, each followed by the tokenizer's eos id, and
 concatenated.  The array is saved as ``tokens-<key>.npy`` (uint16 when the
 vocabulary fits, else uint32) next to a ``.json`` describing it; it is
 streamed to disk in batches of files, each batch encoded on all cores
-(memory O(64 MiB of text + largest file), not O(corpus)), and read back
-memory-mapped.  The key
+(memory: the encodings of 16 MiB of text, or of the largest file; not
+O(corpus)), and read back memory-mapped.  The key
 hashes the tokenizer fingerprint, the tokenizer libraries' versions and the
 SHA-256 of every file's bytes in order, so an edited file or another
 tokenizer gives a new cache entry and an unchanged corpus is never tokenized
@@ -34,7 +34,7 @@ from nl_jax.errors import DataError
 
 # Bump when code that shapes the tokens changes: text_files.read_text's
 # normalisation or how tokenizer.py builds a tokenizer from its files.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3   # 3: HF tokenizers with padding/truncation switched off
 
 
 def _library_versions() -> dict[str, str]:
@@ -89,9 +89,10 @@ def cache_key(files: Sequence[str], tokenizer_fingerprint: str,
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-# Text bytes read for one parallel tokenizer call (the cache build's memory bound,
-# beyond the largest single file).
-BATCH_BYTES = 64 * 2**20
+# Text bytes read for one parallel tokenizer call.  The library holds every
+# document's encoding (ids, offsets, token strings: ~100 bytes a token) until the
+# call returns, so this bounds the build's memory (or the largest file does).
+BATCH_BYTES = 16 * 2**20
 
 
 def _file_batches(files: Sequence[str]) -> Iterator[list[str]]:
@@ -161,7 +162,8 @@ def _npy_header(dtype: np.dtype, count: int) -> bytes:
 def _stream_npy(f, files: Sequence[str], tokenizer, dtype: np.dtype) -> list[str]:
     """Writes the tokens of `files` to `f` as a 1-D .npy, one file at a time.
 
-    Memory stays O(BATCH_BYTES + largest file), not O(corpus): each batch of
+    Memory: the encodings of one batch (BATCH_BYTES of text, or the largest file),
+    not O(corpus): each batch of
     documents' ids goes straight to disk after a header slot that is filled in
     once the token count is known (the .npy header is padded to a fixed 128
     bytes for any realistic count).

@@ -71,6 +71,11 @@ class HFTokenizer:
         # Special tokens written in the text ("<|endoftext|>" in a document) are
         # encoded as text: only the pipeline places end-of-document ids.
         hf_tokenizer.encode_special_tokens = True
+        # A tokenizer.json may switch on padding (encode_batch would pad every
+        # document to the batch's longest) or truncation (documents cut short):
+        # the pipeline wants each document's full ids and nothing else.
+        hf_tokenizer.no_padding()
+        hf_tokenizer.no_truncation()
         self._tok = hf_tokenizer
         self.vocab_size = int(hf_tokenizer.get_vocab_size(with_added_tokens=True))
         self.fingerprint = fingerprint

@@ -8,26 +8,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nl_jax.models.lm import streams_exactly
+from nl_jax.models.lm import slowest_in_context_period, streams_exactly
 
 
 class NextTokenLogits:
-    """Logits of the next token of a growing text, one ``[1, max_len]`` forward per
-    call (compiled once; causality makes the padding after the text irrelevant).
+    """Logits of the next token of one growing text: each call's ids extend the
+    previous call's.  The model runs on a fixed ``[1, max_len]`` window
+    (causality makes the padding after the text irrelevant): one forward per new
+    token, compiled once (twice when streaming: without and with a state).
 
-    ``stream`` (default: whether the model ``streams_exactly``, i.e. Titans and
-    Hope): the text is cut into segments of ``max_len`` tokens; the window holds
-    the current segment and starts from the model's state after all earlier
-    ones, so the memory carries the whole text, however long, and the logits are
-    those of one pass over it.  Otherwise (attention models, which keep no
-    cache) the window slides over the last ``max_len`` tokens.  Calls must see
-    the text only grow (each call's ids extend the previous call's).
+    ``stream`` (default: the model ``streams_exactly``, i.e. Titans and Hope, and
+    has no in-context CMS level whose period is ``max_len`` or more): the text is cut into
+    segments of ``max_len`` tokens; the window holds the current segment and
+    starts from the model's state after all earlier ones, so the memory carries
+    the whole text, however long, and the logits are those of one pass over it.
+    Otherwise (attention models, which keep no cache) the window slides over the
+    last ``max_len`` tokens.  A CMS level whose period is the training context
+    or longer never changed an output in training (it fires at a sequence's end
+    at the earliest); streaming would let its updates act, so such models slide
+    the window unless ``stream=True``.
     """
 
     def __init__(self, model_def, params, *, max_len: int, stream: bool | None = None):
         self.params, self.max_len = params, max_len
-        self.stream = streams_exactly(model_def.bind(params)) if stream is None else stream
+        if stream is None:
+            model = model_def.bind(params)
+            stream = streams_exactly(model) and slowest_in_context_period(model) < max_len
+        self.stream = stream
         self.state, self.segment_start = None, 0   # ids[:segment_start] are in state
+        self._ids: list[int] = []
+        self._logits = None
 
         @jax.jit
         def run(params, window, pos, state):
@@ -42,6 +52,18 @@ class NextTokenLogits:
         return jnp.asarray(window)
 
     def __call__(self, ids: Sequence[int]) -> jax.Array:
+        ids = list(ids)
+        if not ids:
+            raise ValueError("NextTokenLogits needs at least one token (e.g. the eos id)")
+        if ids[:len(self._ids)] != self._ids:
+            raise ValueError("NextTokenLogits follows one growing text: these ids do not "
+                             "extend the previous call's; make a new one for another text")
+        if len(ids) == len(self._ids):
+            return self._logits
+        self._ids, self._logits = ids, self._next(ids)
+        return self._logits
+
+    def _next(self, ids: list[int]) -> jax.Array:
         if not self.stream:
             ctx = list(ids[-self.max_len:])
             return self._run(self.params, self._window(ctx), len(ctx) - 1, None)[0]

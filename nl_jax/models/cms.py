@@ -450,6 +450,11 @@ class ContinuumMemory(nnx.Module):
         if self.variant == "independent":
             self.mix_logits = param(rngs, jnp.zeros(()), (len(periods),), (None,))
 
+    @property
+    def in_context_periods(self) -> tuple[int, ...]:
+        """Periods (tokens) of the levels updated in context."""
+        return tuple(level.period for level in self.levels if level.in_context)
+
     @staticmethod
     def _nested_resets(periods) -> tuple:
         """Per level, the period of its in-context parent (the level before it)."""

@@ -125,5 +125,11 @@ def streams_exactly(model: LanguageModel) -> bool:
                and getattr(block.mlp, "streams_exactly", False) for block in model.blocks)
 
 
+def slowest_in_context_period(model: LanguageModel) -> int:
+    """The longest period, in tokens, of the in-context CMS levels (0 without any)."""
+    return max((p for block in model.blocks
+                for p in getattr(block.mlp, "in_context_periods", ())), default=0)
+
+
 def param_count(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

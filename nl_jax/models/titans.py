@@ -386,6 +386,8 @@ def stream_aligned(forward, x: jax.Array, state: StreamState | None, multiple: i
     """
     aligned, pending = state if state is not None else (None, x[:, :0])
     r = pending.shape[1]
+    if r + x.shape[1] == 0:     # nothing to run
+        return jnp.zeros_like(x), StreamState(aligned, pending)
     xs = jnp.concatenate([pending.astype(x.dtype), x], axis=1) if r else x
     t = xs.shape[1]
     cut = t - t % multiple

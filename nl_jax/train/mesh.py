@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from nl_jax.config import resolve_mesh_shape
 from nl_jax.errors import ConfigError
-from nl_jax.sharding import logical_to_mesh_spec
+from nl_jax.sharding import fit_divisible_only, logical_to_mesh_spec
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -30,16 +30,16 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> Any:
     """NamedShardings for a (pure-dict) param tree, from ``sharding_names``."""
-    specs = nnx.get_partition_spec(abstract_params)
-
     def to_sharding(leaf):
         names = getattr(leaf, "out_sharding", None)
         if names is None:
             names = getattr(leaf, "sharding_names", None)
-        spec = logical_to_mesh_spec(names, rules, mesh.axis_names) if names else P()
-        return NamedSharding(mesh, spec)
+        if not names:
+            return NamedSharding(mesh, P())
+        spec = logical_to_mesh_spec(names, rules, mesh.axis_names)
+        return NamedSharding(mesh, fit_divisible_only(spec, names, leaf.shape, mesh.shape))
 
-    shardings = jax.tree.map(to_sharding, specs,
+    shardings = jax.tree.map(to_sharding, abstract_params,
                              is_leaf=lambda x: isinstance(x, nnx.Variable))
     check_divisible(abstract_params, shardings, mesh)
     return shardings
