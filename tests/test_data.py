@@ -238,6 +238,46 @@ def test_batched_cache_build_equals_document_by_document(tmp_path, bpe, alice_te
         np.testing.assert_array_equal(built.tokens, expected)
 
 
+def test_processes_needing_the_same_entry_build_it_once(tmp_path, bpe, alice_text):
+    """Four workers (threads: flock locks are per open file) start together; one
+    tokenizes the corpus while the others wait, then read its entry."""
+    import threading
+    import time
+
+    folder = _corpus(tmp_path, alice_text, chunks=((0, 3000), (3000, 6000)))
+    files = [str(folder / "doc0.txt"), str(folder / "doc1.txt")]
+    encoded = []
+
+    class Slow(_EncodeOnly):
+        def __init__(self, tok):
+            super().__init__(tok)
+            self.encode = self.slow_encode
+            self._real = tok.encode
+
+        def slow_encode(self, text):
+            encoded.append(text)
+            time.sleep(0.2)
+            return self._real(text)
+
+    results, start = [], threading.Barrier(4)
+
+    def worker():
+        start.wait()
+        results.append(token_cache.load_or_build(files, Slow(bpe), str(tmp_path / "cache")))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(encoded) == 2                       # the two documents, once
+    assert sorted(r.built for r in results) == [False, False, False, True]
+    for r in results:
+        np.testing.assert_array_equal(r.tokens, results[0].tokens)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        [os.path.basename(results[0].path), os.path.basename(results[0].path)[:-4] + ".json"])
+
+
 def test_a_damaged_cache_file_is_rebuilt_and_new_files_follow_the_umask(
         tmp_path, bpe, alice_text):
     folder = _corpus(tmp_path, alice_text, chunks=((0, 3000),))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib.metadata
 import io
@@ -218,6 +219,24 @@ def _write_atomically(directory: str, name: str, write, rename: bool = True) -> 
     return final
 
 
+@contextlib.contextmanager
+def _build_lock(directory: str, name: str) -> Iterator[None]:
+    """One builder per cache entry at a time (``flock`` on ``.<name>.lock``): the
+    processes of a host (one per GPU, say) that start together wait for the
+    first to build the entry instead of each tokenizing the corpus on all cores.
+    The lock file is removed by its holder; a process that then locks a new one
+    finds the entry built."""
+    path = os.path.join(directory, f".{name}.lock")
+    with open(path, "a") as f:
+        with contextlib.suppress(OSError):   # a file system without locks: no waiting
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 def _load_cached(path: str, dtype: np.dtype) -> np.ndarray | None:
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -231,8 +250,9 @@ def _load_cached(path: str, dtype: np.dtype) -> np.ndarray | None:
 def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> TokenCache:
     """Tokens of `files`, from `cache_dir` when cached there, else built (and saved).
 
-    `cache_dir=None` keeps the tokens in memory only.  Several processes may
-    build the same entry at once: each writes a temporary file and renames it.
+    `cache_dir=None` keeps the tokens in memory only.  Processes that need the same
+    entry at once take turns (``_build_lock``): the first builds it, the others
+    then read it.  Writes go to a temporary file that is renamed when complete.
     """
     files = tuple(files)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -245,30 +265,24 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
     key = cache_key(files, tokenizer.fingerprint, hashes)
     name = f"tokens-{key[:32]}"
     path = os.path.join(cache_dir, name + ".npy")
-    if os.path.isfile(path):
-        tokens = _load_cached(path, dtype)
-        if tokens is not None:
-            return TokenCache(tokens, key, path, files, built=False,
-                              file_hashes=tuple(hashes),
-                              identity=data_identity(tokenizer.fingerprint, hashes))
+
+    def cached() -> TokenCache | None:
+        tokens = _load_cached(path, dtype) if os.path.isfile(path) else None
+        return None if tokens is None else TokenCache(
+            tokens, key, path, files, built=False, file_hashes=tuple(hashes),
+            identity=data_identity(tokenizer.fingerprint, hashes))
+
+    found = cached()
+    if found is not None:
+        return found
     created = not os.path.isdir(cache_dir)
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        hashes = []
-        built = _write_atomically(
-            cache_dir, ".building.npy",
-            lambda f: hashes.extend(_stream_npy(f, files, tokenizer, dtype)), rename=False)
-        key = cache_key(files, tokenizer.fingerprint, hashes)  # the bytes actually tokenized
-        name = f"tokens-{key[:32]}"
-        path = os.path.join(cache_dir, name + ".npy")
-        os.replace(built, path)
-        tokens = np.load(path, mmap_mode="r")
-        meta = {"format": CACHE_FORMAT, "key": key, "tokenizer": tokenizer.fingerprint,
-                "num_tokens": int(tokens.size), "dtype": dtype.name,
-                "libraries": _library_versions(),
-                "files": [{"path": p, "sha256": h} for p, h in zip(files, hashes, strict=True)]}
-        _write_atomically(cache_dir, name + ".json",
-                          lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        with _build_lock(cache_dir, name):
+            found = cached()      # built by another process while this one waited
+            if found is not None:
+                return found
+            return _build(files, tokenizer, cache_dir, dtype)
     except OSError as e:
         raise DataError(f"cannot write the token cache in {cache_dir}: {e.strerror}; set "
                         f"data.cache_dir to a writable folder") from e
@@ -277,5 +291,24 @@ def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> Tok
             with contextlib.suppress(OSError):
                 os.rmdir(cache_dir)
         raise
+
+
+def _build(files: tuple[str, ...], tokenizer, cache_dir: str, dtype: np.dtype) -> TokenCache:
+    """Tokenizes `files` into a new entry of `cache_dir` (see load_or_build)."""
+    hashes: list[str] = []
+    built = _write_atomically(
+        cache_dir, ".building.npy",
+        lambda f: hashes.extend(_stream_npy(f, files, tokenizer, dtype)), rename=False)
+    key = cache_key(files, tokenizer.fingerprint, hashes)  # the bytes actually tokenized
+    name = f"tokens-{key[:32]}"
+    path = os.path.join(cache_dir, name + ".npy")
+    os.replace(built, path)
+    tokens = np.load(path, mmap_mode="r")
+    meta = {"format": CACHE_FORMAT, "key": key, "tokenizer": tokenizer.fingerprint,
+            "num_tokens": int(tokens.size), "dtype": dtype.name,
+            "libraries": _library_versions(),
+            "files": [{"path": p, "sha256": h} for p, h in zip(files, hashes, strict=True)]}
+    _write_atomically(cache_dir, name + ".json",
+                      lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return TokenCache(tokens, key, path, files, built=True, file_hashes=tuple(hashes),
                       identity=data_identity(tokenizer.fingerprint, hashes))
