@@ -29,7 +29,7 @@ def model_config(family):
             c.mixer = "attention"
     else:
         c = base.get_config().model
-    c.update(vocab_size=64, d_model=32, n_heads=2, n_layers=2, d_ff=64)
+    c.update(vocab_size=64, d_model=32, n_heads=2, n_layers=1, d_ff=64)
     return c
 
 
