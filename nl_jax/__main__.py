@@ -210,11 +210,13 @@ HELP = {
   --files GLOB ...      held-out text files (default: the run's data.eval_files)
   --batches N           number of batches (default: the run's train.eval_batches)""",
     "generate": "usage: python -m nl_jax generate --workdir DIR [--prompt TEXT] "
-                "[--tokens N] [--temperature T] [--seed S]\n\nSamples text from the "
-                "latest checkpoint." + _COMMON + """
+                "[--tokens N] [--temperature T] [--seed S] [--window]\n\nSamples text "
+                "from the latest checkpoint." + _COMMON + """
   --prompt TEXT         the start of the text (empty: an unconditional sample)
   --tokens N            tokens to sample (default 64)
-  --temperature T       softmax temperature, 0 for greedy (default 0.8)""",
+  --temperature T       softmax temperature, 0 for greedy (default 0.8)
+  --window              slide a window of data.seq_len tokens even for models whose
+                        memory carries the whole text (Titans, Hope)""",
 }
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
