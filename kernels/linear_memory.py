@@ -1,4 +1,5 @@
-"""Pallas TPU kernel for the chunk recurrence of the linear memory, with its reference.
+"""Pallas kernels (TPU and GPU) for the chunk recurrence of the linear memory, with its
+reference.
 
 The chunked dual form of the linear memory (``nl_jax/memory/linear_chunked.py``,
 NL_MATH.md section 1) splits into state-independent quantities of every chunk
@@ -19,18 +20,24 @@ gate G ``[N, B, H, C, C]``; rows ``[N, B, H, 8, C]``, one row per name of
 ``ROWS`` (tokens on the lane axis; the three end_* rows repeat the chunk's
 scalar); mt0, st0 ``[B, H, d_k, d_v]`` (M^T, S^T at the start).
 
-Three pieces, as in recurrentgemma's kernels:
+The pieces, as in recurrentgemma's kernels:
 
 * ``chunk_step`` / ``reference``: the pure-jnp recurrence (a ``lax.scan`` over
   chunks, each step rematerialised so its backward keeps one state per chunk);
-* ``_kernel``: the Pallas body, grid (B, H, N) with the chunk axis sequential
-  and the state resident in VMEM across it, so the state never goes back to
-  HBM between chunks and no layout pass is needed around it;
+  ``chunk_maths`` is its body with the rows already split, shared by all;
+* ``_kernel``: the Mosaic (TPU) body, grid (B, H, N) with the chunk axis
+  sequential and the state resident in VMEM across it, so the state never
+  goes back to HBM between chunks and no layout pass is needed around it;
+* ``_triton_kernel``: the Triton (GPU) body, grid (B, H), one program looping
+  over the chunks with the state in registers; C, d_k and d_v are zero-padded
+  to Triton tiles (powers of two, at least 16), which changes no result;
 * ``chunk_recurrence``: the dispatch function, a ``custom_vjp`` whose forward
   is the kernel (which then also writes every chunk's start state) and whose
   backward is a reverse ``lax.scan`` of ``chunk_step``'s VJP at those states
-  (XLA; a backward kernel is future work).  On the CPU the kernel runs in
-  Pallas interpret mode (tests); on a GPU it is refused (Mosaic TPU only).
+  (XLA; a backward kernel is future work).  The body is chosen at lowering
+  by platform: Mosaic on a TPU, Triton on a CUDA GPU, and on the CPU the
+  Mosaic body in Pallas interpret mode (tests; ``body="triton"`` interprets
+  the GPU body there).  Other backends are refused.
 
 Memory: for the backward the kernel keeps every chunk's start state (M and S:
 2 d_k d_v floats per chunk and head), the XLA path one state per
@@ -46,7 +53,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltr
 
+BACKENDS = ("cpu", "tpu", "gpu")       # gpu: CUDA (Triton); the CPU interprets
 ROWS = ("beta", "f", "w_g", "w_h", "k_sq", "end_beta", "end_f", "end_m")
 _HI = jax.lax.Precision.HIGHEST
 
@@ -64,6 +73,16 @@ def chunk_step(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
     cols = jnp.transpose(rows)                                   # [C, 8]: per-token columns
     col = {name: cols[:, i:i + 1] for i, name in enumerate(ROWS)}
     end = {name: col[name][0:1] for name in ("end_beta", "end_f", "end_m")}   # [1, 1]
+    return chunk_maths(q, k, e0, gate, col, end, states, coef=coef, momentum=momentum,
+                       grad_clip=grad_clip)
+
+
+def chunk_maths(q, k, e0, gate, col, end, states, *, coef: float, momentum: bool,
+                grad_clip: float):
+    """``chunk_step`` with the rows already split: ``col`` maps each name of ``ROWS``
+    to its ``[C, 1]`` column, ``end`` the three end_* names to their chunk scalar
+    (any shape that broadcasts against ``[d_k, d_v]``).  Shared by the reference,
+    the Mosaic body and the Triton body, which differ only in how they read rows."""
     mt = states[0]
     err = e0 + coef * _dot(k, mt) if coef else e0
     if grad_clip > 0:        # token j's direction E_j k_j^T has norm |E_j| |k_j|
@@ -153,6 +172,22 @@ def vmem_limit_bytes(c: int, d_k: int, d_v: int, n_states: int, save_states: boo
     return min(need, MAX_SCOPED_VMEM)
 
 
+def _layout(chunk_block, state_block, dims, n_states: int, save_states: bool):
+    """(in_specs, out_specs, out_shape) of either body's ``pallas_call``.
+    ``chunk_block(*shape)`` blocks a chunk-major ``[N, B, H, *shape]`` array,
+    ``state_block`` a ``[B, H, d_k, d_v]`` state; dims (N, B, H, C, d_k, d_v)."""
+    n, b, h, c, d_k, d_v = dims
+    in_specs = [chunk_block(c, d_k), chunk_block(c, d_k), chunk_block(c, d_v),
+                chunk_block(c, c), chunk_block(len(ROWS), c)] + [state_block] * n_states
+    out_specs = [chunk_block(c, d_v)] + [state_block] * n_states
+    out_shape = ([jax.ShapeDtypeStruct((n, b, h, c, d_v), jnp.float32)]
+                 + [jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)] * n_states)
+    if save_states:
+        out_specs += [chunk_block(d_k, d_v)] * n_states
+        out_shape += [jax.ShapeDtypeStruct((n, b, h, d_k, d_v), jnp.float32)] * n_states
+    return in_specs, out_specs, out_shape
+
+
 def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
                       grad_clip: float, interpret: bool = False, save_states: bool = False):
     """The recurrence as one ``pallas_call``: (y, final states), and with
@@ -166,19 +201,14 @@ def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bo
                             lambda bi, hi, ni: (ni, bi, hi) + (0,) * len(shape))
 
     state = pl.BlockSpec((None, None, d_k, d_v), lambda bi, hi, ni: (bi, hi, 0, 0))
-    out_specs = [per_chunk(c, d_v)] + [state] * n_states
-    out_shape = ([jax.ShapeDtypeStruct((n, b, h, c, d_v), jnp.float32)]
-                 + [jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)] * n_states)
-    if save_states:
-        out_specs += [per_chunk(d_k, d_v)] * n_states
-        out_shape += [jax.ShapeDtypeStruct((n, b, h, d_k, d_v), jnp.float32)] * n_states
+    in_specs, out_specs, out_shape = _layout(per_chunk, state, (n, b, h, c, d_k, d_v),
+                                             n_states, save_states)
     kernel = functools.partial(_kernel, n_states=n_states, coef=coef, momentum=momentum,
                                grad_clip=grad_clip, save_states=save_states)
     out = pl.pallas_call(
         kernel,
         grid=(b, h, n),
-        in_specs=[per_chunk(c, d_k), per_chunk(c, d_k), per_chunk(c, d_v), per_chunk(c, c),
-                  per_chunk(len(ROWS), c)] + [state] * n_states,
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((d_k, d_v), jnp.float32)] * n_states,
@@ -192,35 +222,128 @@ def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bo
     return (y, final, starts) if save_states else (y, final)
 
 
-def _for_platform(args, interpret: bool | None, **kwargs):
-    """``pallas_recurrence`` on ``args``; ``interpret`` None: Pallas interpret mode
-    when the program is compiled for the CPU, Mosaic when for a TPU (decided at
-    lowering, so an ahead-of-time compile for a TPU topology from a CPU host gets
-    the kernel)."""
-    if interpret is not None:
-        return pallas_recurrence(*args, interpret=interpret, **kwargs)
+def _padded(n: int) -> int:
+    """The Triton tile size for an axis of n: a power of two, at least 16 (the
+    smallest tile ``tl.dot`` takes)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _triton_kernel(*refs, n_chunks, n_states, coef, momentum, grad_clip, save_states):
+    """refs as in ``_kernel`` without the scratch; each block holds every chunk of one
+    (batch, head).  One program loops over the chunks with the state in registers
+    (Triton programs run in parallel, so the chunk axis cannot be a grid axis)."""
+    (q_ref, k_ref, e0_ref, gate_ref, rows_ref), refs = refs[:5], refs[5:]
+    init_refs, y_ref, refs = refs[:n_states], refs[n_states], refs[n_states + 1:]
+    final_refs, start_refs = refs[:n_states], refs[n_states:]
+    names = ["beta", "w_g"] + (["f", "w_h"] if momentum else []) + (
+        ["k_sq"] if grad_clip > 0 else [])
+
+    def body(i, states):
+        for out, value in zip(start_refs, states if save_states else (), strict=True):
+            out[i] = value
+        col = {name: rows_ref[i, ROWS.index(name)][:, None] for name in names}
+        end = {name: rows_ref[i, ROWS.index(name), 0] for name in ("end_beta", "end_f",
+                                                                    "end_m")}
+        y, states = chunk_maths(q_ref[i], k_ref[i], e0_ref[i], gate_ref[i], col, end, states,
+                                coef=coef, momentum=momentum, grad_clip=grad_clip)
+        y_ref[i] = y
+        return states
+
+    states = jax.lax.fori_loop(0, n_chunks, body, tuple(r[...] for r in init_refs))
+    for out, value in zip(final_refs, states, strict=True):
+        out[...] = value
+
+
+def triton_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
+                      grad_clip: float, interpret: bool = False, save_states: bool = False):
+    """``pallas_recurrence`` for GPUs (Pallas Triton): grid (B, H), one program per
+    sequence and head looping over the chunks.  C, d_k and d_v are zero-padded to
+    Triton tiles (``_padded``); padded tokens carry zero rows, keys and errors, so
+    they add nothing to the state, and the padding is cut from every output."""
+    n, b, h, c, d_k = q.shape
+    d_v = e0.shape[-1]
+    n_states = len(states)
+    cp, kp, vp = _padded(c), _padded(d_k), _padded(d_v)
+
+    def pad(x, *widths):         # zero-pad the trailing len(widths) axes at their ends
+        return jnp.pad(x, [(0, 0)] * (x.ndim - len(widths)) + [(0, w) for w in widths])
+
+    q, k = pad(q, cp - c, kp - d_k), pad(k, cp - c, kp - d_k)
+    e0, gate, rows = pad(e0, cp - c, vp - d_v), pad(gate, cp - c, cp - c), pad(rows, 0, cp - c)
+    states = tuple(pad(s, kp - d_k, vp - d_v) for s in states)
+
+    def every_chunk(*shape):
+        return pl.BlockSpec((n, None, None) + shape,
+                            lambda bi, hi: (0, bi, hi) + (0,) * len(shape))
+
+    state = pl.BlockSpec((None, None, kp, vp), lambda bi, hi: (bi, hi, 0, 0))
+    in_specs, out_specs, out_shape = _layout(every_chunk, state, (n, b, h, cp, kp, vp),
+                                             n_states, save_states)
+    kernel = functools.partial(_triton_kernel, n_chunks=n, n_states=n_states, coef=coef,
+                               momentum=momentum, grad_clip=grad_clip,
+                               save_states=save_states)
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, h),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=pltr.CompilerParams(num_warps=4 if kp * vp <= 64 * 64 else 8,
+                                            num_stages=1),
+        interpret=interpret,
+        name="linear_memory_chunks_gpu",
+    )(q, k, e0, gate, rows, *states)
+    y = out[0][..., :c, :d_v]
+    final, starts = out[1:1 + n_states], out[1 + n_states:]
+    final = tuple(s[..., :d_k, :d_v] for s in final)
+    if save_states:
+        return y, final, tuple(s[..., :d_k, :d_v] for s in starts)
+    return y, final
+
+
+BODIES = {"mosaic": pallas_recurrence, "triton": triton_recurrence}
+
+
+def _for_platform(args, interpret: bool | None, body: str, **kwargs):
+    """The recurrence on ``args`` by the platform the program is compiled for
+    (decided at lowering, so an ahead-of-time compile for a TPU topology from a
+    CPU host gets the Mosaic kernel): ``body="auto"`` runs Mosaic on a TPU, Triton
+    on a CUDA GPU and the Mosaic body in Pallas interpret mode on the CPU; a named
+    body runs on every platform, compiled, or interpreted on the CPU.  An explicit
+    ``interpret`` applies everywhere (``"auto"`` then means Mosaic)."""
+    if body == "auto" and interpret is not None:
+        body = "mosaic"
+    if body != "auto":
+        fn = BODIES[body]
+        if interpret is not None:
+            return fn(*args, interpret=interpret, **kwargs)
+        return jax.lax.platform_dependent(
+            *args, cpu=functools.partial(fn, interpret=True, **kwargs),
+            default=functools.partial(fn, interpret=False, **kwargs))
     return jax.lax.platform_dependent(
         *args, cpu=functools.partial(pallas_recurrence, interpret=True, **kwargs),
-        tpu=functools.partial(pallas_recurrence, interpret=False, **kwargs))
+        tpu=functools.partial(pallas_recurrence, interpret=False, **kwargs),
+        cuda=functools.partial(triton_recurrence, interpret=False, **kwargs))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _recurrence(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret):
-    return _for_platform((q, k, e0, gate, rows, states), interpret, coef=coef,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _recurrence(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret, body):
+    return _for_platform((q, k, e0, gate, rows, states), interpret, body, coef=coef,
                          momentum=momentum, grad_clip=grad_clip)
 
 
-def _recurrence_fwd(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret):
-    y, final, starts = _for_platform((q, k, e0, gate, rows, states), interpret, coef=coef,
-                                     momentum=momentum, grad_clip=grad_clip,
+def _recurrence_fwd(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret,
+                    body):
+    y, final, starts = _for_platform((q, k, e0, gate, rows, states), interpret, body,
+                                     coef=coef, momentum=momentum, grad_clip=grad_clip,
                                      save_states=True)
     return (y, final), (q, k, e0, gate, rows, starts)
 
 
-def _recurrence_bwd(coef, momentum, grad_clip, interpret, residuals, cotangents):
+def _recurrence_bwd(coef, momentum, grad_clip, interpret, body, residuals, cotangents):
     """A reverse scan over chunks of the VJP of ``chunk_step`` at the saved
     chunk-start states: no forward recurrence is recomputed."""
-    del interpret
+    del interpret, body
     step = jax.vmap(jax.vmap(functools.partial(
         chunk_step, coef=coef, momentum=momentum, grad_clip=grad_clip)))
     ct_y, ct_final = cotangents
@@ -239,19 +362,25 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def chunk_recurrence(q, k, e0, gate, rows, mt0, st0=None, *, coef: float, momentum: bool,
-                     grad_clip: float = 0.0, interpret: bool | None = None):
+                     grad_clip: float = 0.0, interpret: bool | None = None,
+                     body: str = "auto"):
     """Dispatch: the Pallas kernel forward, ``chunk_step``'s VJP chunk by chunk backward.
 
     ``st0`` is required with ``momentum`` and ignored without (then returned as
     is).  ``interpret``: None picks, by the platform the program is compiled
-    for, Pallas interpret mode on the CPU (for tests; slow) and the Mosaic
-    kernel on a TPU.  Raises ValueError when the default backend is a GPU, and
-    for shapes or dtypes other than the module docstring's.  Returns (y, mt, st).
+    for, Pallas interpret mode on the CPU (for tests; slow) and the compiled
+    kernel on a TPU (Mosaic) or a CUDA GPU (Triton); ``body`` forces one of
+    ``BODIES`` (tests run the Triton body in interpret mode on the CPU).  Raises
+    ValueError on other backends, and for shapes or dtypes other than the
+    module docstring's.  Returns (y, mt, st).
     """
     backend = jax.default_backend()
-    if interpret is None and backend not in ("cpu", "tpu"):
-        raise ValueError(f"the linear memory kernel is a Mosaic TPU kernel; on {backend} "
-                         "use memory path='chunked'")
+    if interpret is None and backend not in BACKENDS:
+        raise ValueError(f"the linear memory kernel runs on {', '.join(BACKENDS)}, not on "
+                         f"{backend}; use memory path='chunked'")
+    if body not in ("auto", *BODIES):
+        raise ValueError(f"chunk_recurrence: body={body!r}; use 'auto' or one of "
+                         f"{sorted(BODIES)}")
     n, b, h, c, _ = q.shape
     if gate.shape != (n, b, h, c, c) or rows.shape != (n, b, h, len(ROWS), c):
         raise ValueError(f"chunk_recurrence: gate {gate.shape} and rows {rows.shape} must be "
@@ -266,5 +395,6 @@ def chunk_recurrence(q, k, e0, gate, rows, mt0, st0=None, *, coef: float, moment
         raise ValueError(f"chunk_recurrence takes float32 arrays, got {wrong}; cast them "
                          "first (the state and its updates are fp32)")
     y, final = _recurrence(q, k, e0, gate, rows, states, float(coef), bool(momentum),
-                           float(grad_clip), None if interpret is None else bool(interpret))
+                           float(grad_clip), None if interpret is None else bool(interpret),
+                           body)
     return y, final[0], (final[1] if momentum else st0)

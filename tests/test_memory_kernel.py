@@ -30,22 +30,25 @@ def _recurrence_inputs(seed, n=3, b=2, h=2, c=8, d_k=8, d_v=4):
     return q, k, e0, gate, rows, mt0, st0
 
 
+@pytest.mark.parametrize("body", sorted(linear_memory.BODIES))
 @pytest.mark.parametrize("momentum,grad_clip", [(True, 0.0), (False, 0.5), (True, 0.5)])
-def test_kernel_equals_reference_values_and_gradients(momentum, grad_clip):
-    """The Pallas plumbing: blocking, the state carried in VMEM across chunks, its
-    init and final write, the saved chunk-start states and the backward scan.
-    (Kernel and reference share ``chunk_step``; the oracle tests below check
-    the maths.)"""
+def test_kernel_equals_reference_values_and_gradients(momentum, grad_clip, body):
+    """The Pallas plumbing of both bodies: blocking, the state carried across chunks
+    (Mosaic: VMEM scratch over a sequential grid axis; Triton: a loop in one
+    program, with C, d_k and d_v zero-padded from 8, 8, 4 to 16), its init and
+    final write, the saved chunk-start states and the backward scan.  (Kernels
+    and reference share ``chunk_maths``; the oracle tests below check the maths.)"""
     *chunks, mt0, st0 = _recurrence_inputs(0)
     states = (mt0, st0) if momentum else (mt0,)
-    kw = dict(coef=3.0, momentum=momentum, grad_clip=grad_clip)
+    kw = dict(coef=3.0, momentum=momentum, grad_clip=grad_clip, body=body)
 
     def kernel(*a):
         y, mt, st = linear_memory.chunk_recurrence(*a, interpret=True, **kw)
         return (y, mt, st) if momentum else (y, mt)
 
     def reference(*a):
-        y, final = linear_memory.reference(*a[:5], a[5:], **kw)
+        y, final = linear_memory.reference(*a[:5], a[5:], coef=3.0, momentum=momentum,
+                                           grad_clip=grad_clip)
         return (y, *final)
 
     args = (*chunks, *states)
@@ -192,10 +195,67 @@ def test_local_mesh_axes_keeps_only_dividing_splits():
         assert local_mesh_axes(("batch", "heads"), (8, 2)) is None    # one device
 
 
-def test_kernel_path_on_a_gpu_is_a_config_error(monkeypatch):
+def test_kernel_path_on_another_backend_is_a_config_error(monkeypatch):
     """The CLI turns ConfigError into exit 2 with this one line (no traceback)."""
     spec = MemorySpec(kind="linear", chunk_size=4, path="kernel")
     params = init_memory_params(spec, jax.random.PRNGKey(1), H, D, D)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with pytest.raises(ConfigError, match=r"path='kernel' .* on gpu; use path='chunked'"):
+    monkeypatch.setattr(jax, "default_backend", lambda: "METAL")
+    with pytest.raises(ConfigError, match=r"path='kernel' .* not on METAL; use path='chunked'"):
         apply_memory(spec, params, *random_inputs(0, B, 8, H, D, D))
+    with pytest.raises(ValueError, match=r"body='cuda'; use 'auto' or one of"):
+        linear_memory.chunk_recurrence(*_recurrence_inputs(0), coef=1.0, momentum=True,
+                                       interpret=True, body="cuda")
+
+
+@pytest.mark.parametrize("momentum", [True, False])
+def test_kernel_path_lowers_to_triton_for_cuda(momentum):
+    """Lowering for a CUDA GPU (from this CPU host) picks the Triton body, forward
+    and forward+backward, and the Triton lowering accepts every op of the body:
+    what fails here would fail on a GPU before compiling."""
+    spec = MemorySpec(kind="linear", chunk_size=16, dgd=True, grad_clip=1.0, path="kernel",
+                      momentum=momentum)
+    params = init_memory_params(spec, jax.random.PRNGKey(1), H, D, D)
+    inputs = random_inputs(0, B, 40, H, D, D)
+
+    def loss(params, *x):
+        y, state = apply_memory(spec, params, *x)
+        return jnp.sum(y * y) + jnp.sum(state.params["w0"])
+
+    for fn in (loss, jax.grad(loss, argnums=(0, 1, 2))):
+        text = jax.jit(fn).trace(params, *inputs).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1       # the forward kernel, once
+        assert "tpu_custom_call" not in text
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(32, 2, 4, 64, 64, 64), (5, 2, 3, 48, 40, 24)])
+def test_compiled_triton_kernel_equals_reference_on_gpu(shape):
+    """On a GPU: the compiled Triton kernel (auto body) == the XLA reference, values
+    and gradients, at the benchmark's shape and at a padded one (fp32 dots on
+    both sides; the tolerance covers their different summation orders)."""
+    n, b, h, c, d_k, d_v = shape
+    *chunks, mt0, st0 = _recurrence_inputs(5, n=n, b=b, h=h, c=c, d_k=d_k, d_v=d_v)
+    chunks[3] = chunks[3] * 0.2                      # gates: a stable recurrence over 32
+    args = (*chunks, mt0, st0)
+    kw = dict(coef=1.5, momentum=True, grad_clip=2.0)
+
+    def kernel(*a):
+        return linear_memory.chunk_recurrence(*a, **kw)
+
+    def reference(*a):
+        y, final = linear_memory.reference(*a[:5], a[5:], **kw)
+        return (y, *final)
+
+    assert "triton" in jax.jit(kernel).lower(*args).as_text()
+    for a, r in zip(jax.jit(kernel)(*args), jax.jit(reference)(*args), strict=True):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+    def loss(fn):
+        return lambda *a: sum(jnp.sum(jnp.sin(o)) for o in fn(*a))
+
+    argnums = tuple(range(len(args)))
+    grads = jax.jit(jax.grad(loss(kernel), argnums))(*args)
+    grads_ref = jax.jit(jax.grad(loss(reference), argnums))(*args)
+    for i, (a, r) in enumerate(zip(grads, grads_ref, strict=True)):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()),
+                                   err_msg=f"grad {i}")

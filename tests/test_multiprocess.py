@@ -15,7 +15,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
-FLAGS = [f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+# Transformer++ (a 3-step tiny run takes ~5 s here, Hope's compile ~20 s): what is
+# tested is the multi-process machinery, which is the same for every model;
+# sharded Hope against one device is tests/test_sharded_step.py.
+FLAGS = ["--config", "experiments/transformer/tiny.py",
+         f"--config.train.steps={STEPS}", "--config.train.log_every=1",
          "--config.train.eval_every=0", "--config.train.eval_batches=2",
          "--config.train.checkpoint_every=0", "--config.train.sample_tokens=0",
          "--config.data.seq_len=32", "--config.data.batch_size=4",

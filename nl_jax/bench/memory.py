@@ -6,8 +6,9 @@ forward and forward+backward wall time of both paths, the achieved GFLOP/s,
 and a dense 2048 x 2048 fp32 matmul measured in the same run for reference.
 Other shapes: ``--lengths``, ``--batch``, ``--heads``, ``--dim``, ``--chunk``;
 ``--paths chunked`` skips the (slow) oracle, ``--paths oracle,chunked,kernel``
-adds the Pallas TPU kernel path (``kernels/linear_memory.py``; Pallas interpret
-mode on the CPU, so its CPU figures say nothing about speed); ``--trace DIR`` also records a
+adds the Pallas kernel path (``kernels/linear_memory.py``: Mosaic on a TPU,
+Triton on a CUDA GPU, Pallas interpret mode on the CPU, so its CPU figures say
+nothing about speed); ``--trace DIR`` also records a
 ``jax.profiler`` trace of the chunked forward and forward+backward at the
 first length (open it with TensorBoard's profile plugin or Perfetto).
 
@@ -240,7 +241,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chunk", type=int, default=C, help="chunk size C")
     parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                         help="comma-separated subset of oracle,chunked,kernel (default "
-                             "oracle,chunked; kernel: the Pallas TPU kernel, in interpret "
+                             "oracle,chunked; kernel: the Pallas kernel, in interpret "
                              "mode on the CPU)")
     parser.add_argument("--devices", type=int, default=None,
                         help="devices to shard batch and heads over (default: one per "
@@ -251,9 +252,10 @@ def main(argv: list[str]) -> int:
     paths = [p for p in args.paths.split(",") if p]
     if not paths or set(paths) - set(PATHS):
         parser.error(f"--paths {args.paths!r}: choose from {','.join(PATHS)}")
-    if "kernel" in paths and jax.default_backend() not in ("cpu", "tpu"):
-        parser.error(f"--paths kernel: the memory kernel is a Mosaic TPU kernel, not for "
-                     f"{jax.default_backend()}; leave it out")
+    from kernels.linear_memory import BACKENDS
+    if "kernel" in paths and jax.default_backend() not in BACKENDS:
+        parser.error(f"--paths kernel: the memory kernel runs on TPUs and CUDA GPUs, not "
+                     f"on {jax.default_backend()}; leave it out")
     for name in ("repeats", "batch", "heads", "dim", "chunk"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

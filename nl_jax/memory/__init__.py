@@ -2,7 +2,7 @@
 
 Three execution paths with the same semantics (``MemorySpec.path``): the
 oracle per-token scan, the chunked dual form, and (linear memory) the chunked
-dual form with its chunk recurrence in a Pallas TPU kernel
+dual form with its chunk recurrence in a Pallas kernel (TPU or GPU)
 (``kernels/linear_memory.py``); ``apply_memory_optax`` trains the
 memory with any optax inner optimizer once per chunk.
 """

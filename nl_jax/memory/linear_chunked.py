@@ -468,12 +468,12 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     (``kernels/linear_memory.py``): the state-independent terms of every chunk
     are computed here at once (``chunk_terms``), the recurrence over chunks runs
     in the kernel with the state resident on chip.  Same arguments and results."""
-    from kernels.linear_memory import ROWS, chunk_recurrence
+    from kernels.linear_memory import BACKENDS, ROWS, chunk_recurrence
 
     backend = jax.default_backend()
-    if interpret is None and backend not in ("cpu", "tpu"):
-        raise ConfigError(f"memory path='kernel' is a Mosaic TPU kernel and cannot run on "
-                          f"{backend}; use path='chunked' (e.g. "
+    if interpret is None and backend not in BACKENDS:
+        raise ConfigError(f"memory path='kernel' runs on TPUs (Mosaic) and CUDA GPUs "
+                          f"(Triton), not on {backend}; use path='chunked' (e.g. "
                           f"--config.model.memory.path=chunked)")
     n, _, _, c, _ = q.shape
     if n == 0:

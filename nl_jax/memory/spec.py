@@ -37,9 +37,9 @@ class MemorySpec:
       chunk_size: C; all gradients of a chunk are taken at the chunk-start state.
         C = 1 is the exact per-token recurrence.
       path: ``"oracle"`` (per-token lax.scan), ``"chunked"`` (dual form), or
-        ``"kernel"`` (the dual form with its chunk recurrence in the Pallas TPU
+        ``"kernel"`` (the dual form with its chunk recurrence in the Pallas
         kernel ``kernels/linear_memory.py``; linear memory, l2 or dot objective;
-        Pallas interpret mode on the CPU, refused on GPUs).
+        Mosaic on TPUs, Triton on CUDA GPUs, interpret mode on the CPU).
       remat_every: chunks per rematerialised scan segment on the chunked path
         (the linear fast path processes chunks in blocks of this size).
       grad_clip: G > 0 bounds each token's step direction, layer by layer:
