@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
         ),
     )
 
+    # Task-loss teach signal (nl_jax/train/teach.py): weights whose path matches
+    # `params` (e.g. a frozen CMS level) take one SGD step on the LM loss of every
+    # `segment`-token segment, per sequence, in training and eval.  '' = off.
+    c.teach_signal = dict(params="", segment=0, lr=0.0, max_update=0.0)
+
     # Mesh: -1 fills with the remaining devices.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sharding = dict(rules=(

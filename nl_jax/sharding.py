@@ -65,6 +65,35 @@ def use_rules(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
+@contextlib.contextmanager
+def per_example_rules() -> Iterator[str | tuple[str, ...] | None]:
+    """For code ``vmap``-ped over the batch: yields the mesh axes of the logical
+    ``batch`` axis (pass them as ``vmap``'s ``spmd_axis_name``, which shards the
+    mapped axis over them) and, inside, makes the rules use those axes for
+    nothing else (the per-example code sees a batch of one).  Yields None and
+    changes nothing without active rules."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        yield None
+        return
+    mesh, rules = ctx
+    spec = logical_to_mesh_spec(("batch",), rules, mesh.axis_names)[0]
+    taken = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+    def without(target):
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(t for t in targets if t not in taken)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    inner = tuple((name, None if name == "batch" else without(target))
+                  for name, target in rules)
+    token = _CONTEXT.set((mesh, inner))
+    try:
+        yield spec
+    finally:
+        _CONTEXT.reset(token)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Annotates an activation with logical axes (no-op without rules)."""
     ctx = _CONTEXT.get()

@@ -199,9 +199,16 @@ def bounded_update(theta, acc, max_update: float):
 
     def one(w, a):
         axes = tuple(range(1, w.ndim))
-        w_norm = jnp.sqrt(jnp.sum(w * w, axes, keepdims=True))
-        a_norm = jnp.sqrt(jnp.sum(a * a, axes, keepdims=True) + 1e-30)
-        return w - jnp.minimum(1.0, max_update * w_norm / a_norm) * a
+        w_sq = jnp.sum(w * w, axes, keepdims=True)
+        a_sq = jnp.sum(a * a, axes, keepdims=True)
+        # s < 1 only where |a| > max_update |w|.  Every square root and division
+        # reads 1 elsewhere (the two-where pattern), so derivatives of all
+        # orders stay finite at a = 0 and w = 0: the second-order gradients of
+        # the teach signal (nl_jax/train/teach.py) differentiate through here.
+        cut = a_sq > max_update ** 2 * w_sq
+        w_norm = jnp.where(w_sq > 0, jnp.sqrt(jnp.where(cut & (w_sq > 0), w_sq, 1.0)), 0.0)
+        a_norm = jnp.sqrt(jnp.where(cut, a_sq, 1.0))
+        return w - jnp.where(cut, max_update * w_norm / a_norm, 1.0) * a
 
     return jax.tree.map(one, theta, acc)
 

@@ -64,6 +64,7 @@ def topology_devices(topology: str):
 
 def preflight(config, topology: str) -> dict[str, Any]:
     from nl_jax import levels as levels_lib
+    from nl_jax.train import teach as teach_lib
     from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
     from nl_jax.train.state import abstract_model, train_state_shardings
     from nl_jax.train.step import make_train_step
@@ -85,8 +86,10 @@ def preflight(config, topology: str) -> dict[str, Any]:
     batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=b_shard)
              for k in ("inputs", "targets")}
     frozen = levels_lib.frozen_mask(config.levels, abstract_params)
+    loss = (teach_lib.make_teach_loss(model_def, config, abstract_params)
+            if teach_lib.enabled(config) else None)
     step = jax.jit(make_train_step(model_def, optimizer, mesh, rules, levels_lib.level_metrics,
-                                   frozen),
+                                   frozen, loss=loss),
                    in_shardings=(shardings, b_shard),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     compiled = step.lower(state, batch).compile()

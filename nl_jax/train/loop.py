@@ -18,6 +18,7 @@ from nl_jax import config as config_lib
 from nl_jax.errors import CheckpointStructureError, ConfigError
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
+from nl_jax.train import teach as teach_lib
 from nl_jax.train.distributed import agreed_max, is_primary
 from nl_jax.train.mesh import batch_sharding, check_process_rows, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, prepare_train_state
@@ -82,13 +83,20 @@ class Trainer:
                            [d for d in self.mesh.devices.flat
                             if d.process_index == jax.process_index()],
                            jax.process_index(), jax.process_count())
+        self.teach_paths, self.loss = [], None
+        if teach_lib.enabled(config):
+            self.teach_paths = teach_lib.check(config, self.model_def.bind(abstract_params),
+                                               abstract_params)
+            self.loss = teach_lib.make_teach_loss(self.model_def, config, abstract_params)
         step_fn = make_train_step(self.model_def, self.optimizer, self.mesh, self.rules,
                                   levels_lib.level_metrics,
-                                  levels_lib.frozen_mask(config.levels, abstract_params))
+                                  levels_lib.frozen_mask(config.levels, abstract_params),
+                                  loss=self.loss)
         self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
                                   out_shardings=(self.shardings, replicated(self.mesh)),
                                   donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.model_def, self.mesh, self.rules),
+        self.eval_step = jax.jit(make_eval_step(self.model_def, self.mesh, self.rules,
+                                                self.loss),
                                  in_shardings=(self.shardings["params"], self.batch_sharding))
 
         self.data = (build_train_iterator(
@@ -221,6 +229,11 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     say(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
         f"{trainer.num_params:,} parameters, mesh {dict(trainer.mesh.shape)}{processes}, "
         f"workdir {workdir}")
+    if trainer.teach_paths:
+        t, paths = config.teach_signal, trainer.teach_paths
+        say(f"teach signal: {len(paths)} weight arrays ({', '.join(paths[:3])}"
+            f"{', ...' if len(paths) > 3 else ''}) step on the LM loss every {t.segment} "
+            f"tokens, lr {t.lr}, max_update {t.max_update}")
     if start:
         before = ckpt_lib.lookup(trainer.saved_config, "train.steps")
         stretched = ""

@@ -19,24 +19,35 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
     return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
 
 
+def forward_loss(model_def) -> Callable[[Any, dict], jax.Array]:
+    """``loss(params, batch)``: the mean token loss of one forward pass."""
+
+    def loss(params, batch):
+        logits, _ = model_def.bind(params)(batch["inputs"])
+        total, count = cross_entropy(logits, batch["targets"])
+        return total / count
+
+    return loss
+
+
 def make_train_step(model_def, optimizer: optax.GradientTransformation, mesh, rules,
-                    level_metrics: Callable[[Any], dict] | None = None, frozen=None):
+                    level_metrics: Callable[[Any], dict] | None = None, frozen=None,
+                    loss: Callable[[Any, dict], jax.Array] | None = None):
     """``state, metrics = step(state, batch)``: one optimizer step.
 
     ``frozen`` (from ``levels.frozen_mask``) marks parameters whose gradients
-    are not needed.  Not yet jitted: the caller jits with in/out shardings and
-    donation.
+    are not needed.  ``loss`` (default ``forward_loss``) maps (params, batch) to
+    the mean token loss, e.g. ``teach.make_teach_loss``.  Not yet jitted: the
+    caller jits with in/out shardings and donation.
     """
+    loss = loss or forward_loss(model_def)
 
     def loss_fn(params, batch):
         if frozen is not None:  # frozen levels: no weight gradients computed
             params = jax.tree.map(
                 lambda f, sub: jax.tree.map(jax.lax.stop_gradient, sub) if f else sub,
                 frozen, params)
-        model = model_def.bind(params)
-        logits, _ = model(batch["inputs"])
-        total, count = cross_entropy(logits, batch["targets"])
-        return total / count
+        return loss(params, batch)
 
     def step(state, batch):
         with use_rules(mesh, rules):
@@ -53,11 +64,15 @@ def make_train_step(model_def, optimizer: optax.GradientTransformation, mesh, ru
     return step
 
 
-def make_eval_step(model_def, mesh, rules):
-    """``(loss_sum, token_count) = eval_step(params, batch)``."""
+def make_eval_step(model_def, mesh, rules, loss: Callable[[Any, dict], jax.Array] | None = None):
+    """``(loss_sum, token_count) = eval_step(params, batch)``; ``loss`` as in
+    ``make_train_step`` (a mean, scaled back to a sum)."""
 
     def eval_step(params, batch):
         with use_rules(mesh, rules):
+            if loss is not None:
+                count = jnp.asarray(batch["targets"].size, jnp.float32)
+                return loss(params, batch) * count, count
             logits, _ = model_def.bind(params)(batch["inputs"])
         return cross_entropy(logits, batch["targets"])
 
