@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from nl_jax import config as config_lib
 from nl_jax.errors import ConfigError
@@ -23,7 +25,9 @@ SEQ, SEG, BATCH = 12, 4, 2
 FAST = "blocks/0/mlp/.*"
 TITANS = ["--config", "experiments/titans/tiny.py", "--config.model.d_model=16",
           "--config.model.n_heads=2", "--config.model.d_ff=24",
-          "--config.model.memory.chunk_size=4", "--config.model.memory.window=4"]
+          "--config.model.memory.chunk_size=4", "--config.model.memory.window=4",
+          "--config.model.memory.segment_len=4",
+          "--config.model.memory.path=oracle"]        # the cheapest second-order compile
 HOPE = ["--config.model.d_model=16", "--config.model.n_heads=2", "--config.model.d_ff=24",
         "--config.model.self_modifying.chunk_size=4",
         "--config.model.self_modifying.memory_chunk_size=2",
@@ -46,9 +50,10 @@ def batch(seed=0, vocab=2048):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def loop_segment_losses(config, model_def, weights, data):
-    """The definition, one sequence and one segment at a time: plain SGD on the
-    selected weights (trust ratio min(1, mu |w| / |lr g|) per matrix)."""
+def loop_segment_losses(config, model_def, weights, inputs, targets):
+    """The definition for one sequence (``[T]`` tokens), one segment at a time:
+    plain SGD on the selected weights (trust ratio min(1, mu |w| / |lr g|) per
+    matrix).  Returns the ``[T / P]`` segment losses."""
     lr, mu = config.teach_signal.lr, config.teach_signal.max_update
     leaves, treedef = jax.tree.flatten(weights)
     paths = param_paths(weights)
@@ -61,65 +66,63 @@ def loop_segment_losses(config, model_def, weights, data):
             step = step * jnp.minimum(1.0, mu * jnp.linalg.norm(w) / jnp.linalg.norm(step))
         return w - step
 
-    rows = []
-    for b in range(BATCH):
-        current, stream, losses = list(leaves), None, []
-        for i in range(SEQ // SEG):
-            cut = slice(i * SEG, (i + 1) * SEG)
+    current, stream, losses = list(leaves), None, []
+    for i in range(SEQ // SEG):
+        cut = slice(i * SEG, (i + 1) * SEG)
 
-            def loss(ws, stream=stream, cut=cut, b=b, current=current):
-                merged = list(current)
-                for j, w in zip(fast, ws, strict=True):
-                    merged[j] = w
-                logits, new_stream = model_def.bind(treedef.unflatten(merged))(
-                    data["inputs"][b:b + 1, cut], stream)
-                total, count = cross_entropy(logits, data["targets"][b:b + 1, cut])
-                return total / count, new_stream
+        def loss(ws, stream=stream, cut=cut, current=current):
+            merged = list(current)
+            for j, w in zip(fast, ws, strict=True):
+                merged[j] = w
+            logits, new_stream = model_def.bind(treedef.unflatten(merged))(
+                inputs[None, cut], stream)
+            total, count = cross_entropy(logits, targets[None, cut])
+            return total / count, new_stream
 
-            (value, stream), grads = jax.value_and_grad(loss, has_aux=True)(
-                [current[j] for j in fast])
-            losses.append(value)
-            for j, g in zip(fast, grads, strict=True):
-                current[j] = sgd(current[j], g)
-        rows.append(jnp.stack(losses))
-    return jnp.stack(rows)
+        (value, stream), grads = jax.value_and_grad(loss, has_aux=True)(
+            [current[j] for j in fast])
+        losses.append(value)
+        for j, g in zip(fast, grads, strict=True):
+            current[j] = sgd(current[j], g)
+    return jnp.stack(losses)
 
 
 def test_teach_signal_equals_the_per_sequence_segment_loop():
     """Values and the outer (second-order) gradients w.r.t. every weight, with the
-    trust ratio cutting the inner steps (the cut changes the losses)."""
+    trust ratio cutting the inner steps (the cut changes the losses); the loop
+    runs each sequence alone.  lr = 0 gives the plain loss."""
     config, model_def, weights = setup(lr=2.0, max_update=0.01)
     data = batch()
     segment_losses = teach.make_segment_losses(model_def, config, weights)
+    (_, got), grads = jax.jit(jax.value_and_grad(
+        lambda w: (jnp.mean(segment_losses(w, data)), segment_losses(w, data)),
+        has_aux=True))(weights)
 
-    def mean_and_rows(fn):
-        return jax.jit(jax.value_and_grad(lambda w: (jnp.mean(fn(w)), fn(w)), has_aux=True))
-
-    (_, got), grads = mean_and_rows(lambda w: segment_losses(w, data))(weights)
-    (_, want), grads_loop = mean_and_rows(
-        lambda w: loop_segment_losses(config, model_def, w, data))(weights)
+    one_sequence = jax.jit(jax.value_and_grad(
+        lambda w, x, y: (jnp.mean(loop_segment_losses(config, model_def, w, x, y)),
+                         loop_segment_losses(config, model_def, w, x, y)), has_aux=True))
+    rows, grads_loop = [], None
+    for b in range(BATCH):           # the batch mean's gradient: the mean of the rows'
+        (_, row), g = one_sequence(weights, data["inputs"][b], data["targets"][b])
+        rows.append(row)
+        grads_loop = g if grads_loop is None else jax.tree.map(jnp.add, grads_loop, g)
+    grads_loop = jax.tree.map(lambda g: g / BATCH, grads_loop)
     assert got.shape == (BATCH, SEQ // SEG)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, jnp.stack(rows), rtol=1e-5)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_loop))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_loop), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
-    uncut = setup(lr=2.0)[0]
-    frozen = setup(lr=0.0)[0]
-    for other in (uncut, frozen):       # the steps are taken, and the trust ratio cuts them
-        rows = jax.jit(teach.make_segment_losses(model_def, other, weights))(weights, data)
-        np.testing.assert_array_equal(rows[:, 0], got[:, 0])
-        assert not np.allclose(rows[:, 1:], got[:, 1:], rtol=1e-5, atol=0)
 
+    def rows_with(**kw):
+        return jax.jit(teach.make_segment_losses(model_def, setup(**kw)[0], weights))(
+            weights, data)
 
-def test_zero_lr_is_the_plain_loss_and_gradient():
-    config, model_def, weights = setup(lr=0.0)
-    data = batch(1)
-    loss = jax.jit(teach.make_teach_loss(model_def, config, weights))
-    plain = jax.jit(forward_loss(model_def))
-    np.testing.assert_allclose(loss(weights, data), plain(weights, data), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss))(weights, data)),
-                    jax.tree.leaves(jax.jit(jax.grad(plain))(weights, data)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    frozen = rows_with(lr=0.0)
+    for other in (rows_with(lr=2.0), frozen):   # the steps are taken; the ratio cuts them
+        np.testing.assert_array_equal(other[:, 0], got[:, 0])
+        assert not np.allclose(other[:, 1:], got[:, 1:], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(jnp.mean(frozen), jax.jit(forward_loss(model_def))(
+        weights, data), rtol=1e-6)
 
 
 def test_segment_losses_are_causal():
@@ -146,25 +149,36 @@ def test_segment_losses_are_causal():
     assert (out[:, 1] != base[:, 1]).all() and (out[:, 2] != base[:, 2]).all()
 
 
-def test_sharded_teach_signal_equals_one_device():
+def test_sharded_teach_signal_shards_the_batch_and_equals_one_device():
     """Under the trainer's rules on 8 CPU devices (batch over data x fsdp, heads and
-    MLP over tensor) the per-sequence vmap shards the batch (``spmd_axis_name``):
-    values and gradients equal the one-device run."""
+    MLP over tensor) the per-sequence vmap shards the batch over data x fsdp
+    (``spmd_axis_name``; the per-sequence code sees the rules without those axes),
+    and the segment losses equal the one-device run.  (Gradients: the train step
+    differentiates the same function; the oracle test above checks them.)"""
     from experiments import base
     from nl_jax.sharding import use_rules
     from nl_jax.train.mesh import make_mesh
 
     config, model_def, weights = setup(max_update=0.01)
     data = {k: jnp.concatenate([v, v[::-1]]) for k, v in batch(3).items()}    # 4 rows
-    loss = teach.make_teach_loss(model_def, config, weights)
-    one, g_one = jax.jit(jax.value_and_grad(loss))(weights, data)
+    losses = teach.make_segment_losses(model_def, config, weights)
+    one = jax.jit(losses)(weights, data)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    data = jax.device_put(data, rows)
+    weights = jax.device_put(weights, NamedSharding(mesh, P()))
     with use_rules(mesh, base.get_config().sharding.rules):
-        sharded, g_sh = jax.jit(jax.value_and_grad(loss))(weights, data)
-    np.testing.assert_allclose(sharded, one, rtol=1e-6)
-    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_one))
-    for a, b in zip(jax.tree.leaves(g_sh), jax.tree.leaves(g_one), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+        sharded = jax.jit(losses)
+        hlo = sharded.lower(weights, data).as_text()
+        out = sharded(weights, data)
+    assert "mhlo.num_partitions = 8" in hlo
+    # inside, activations [4 sequences, a batch of 1, ...]: the vmap's spmd_axis_name
+    # puts the sequences on data x fsdp, the rules leave the batch of one whole
+    inner = re.findall(r'sharding_constraint .*<@mesh, \[(\{[^}]*\}), (\{[^}]*\}).*tensor<4x1x',
+                       hlo)
+    assert inner and all(dims == ('{"data", "fsdp"}', "{}") for dims in inner), inner[:3]
+    assert out.sharding.is_equivalent_to(rows, out.ndim)   # one row per data x fsdp shard
+    np.testing.assert_allclose(out, one, rtol=1e-6)
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -172,6 +186,9 @@ def test_sharded_teach_signal_equals_one_device():
     ([f"--config.teach_signal.segment={SEQ}"], "at least two segments"),
     (["--config.teach_signal.lr=-1.0"], "teach_signal.lr must be a number >= 0"),
     (["--config.model.mixer=attention", "--config.model.mlp=swiglu"], "streams exactly"),
+    (["--config.model.memory.chunk_size=3"],
+     r"segment=4 must be a multiple of model.memory.chunk_size=3"),
+    (["--config.model.memory.path=kernel"], "no second derivative"),
 ])
 def test_bad_teach_signal_settings_name_the_key(flags, needle):
     config, model_def, weights = setup(*flags)
@@ -182,6 +199,7 @@ def test_bad_teach_signal_settings_name_the_key(flags, needle):
 @pytest.mark.parametrize("params, needle", [
     ("blocks/9/.*", "matches no parameter"),
     ("blocks/0/mlp/levels/0/.*", "updated in context"),    # Hope's in-context CMS level
+    ("blocks/0/mixer/.*", "initial states of in-context memories"),
     ("blocks/(", "is not a regex"),
 ])
 def test_bad_teach_signal_selections_are_refused(params, needle):

@@ -32,7 +32,7 @@ READ_KEYS = ("model", "data.tokenizer")
 CHANGEABLE = ("model.remat", "model.dtype", "levels.*.optimizer.learning_rate",
               "levels.*.optimizer.schedule", "levels.*.optimizer.schedule.*")
 # Training keys outside RESUME_KEYS that a resume reports when they change.
-REPORTED_ON_RESUME = ("train.grad_clip_norm",)
+REPORTED_ON_RESUME = ("train.grad_clip_norm", "teach_signal", "teach_signal.*")
 
 
 def _normalise(value: Any) -> Any:

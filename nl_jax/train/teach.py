@@ -40,7 +40,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from nl_jax import config as config_lib
 from nl_jax import levels as levels_lib
 from nl_jax.errors import ConfigError
 from nl_jax.models import lm as lm_lib
@@ -69,6 +71,14 @@ def _in_context_prefixes(model) -> list[str]:
             if getattr(level, "in_context", False)]
 
 
+def _initial_state_paths(params) -> set[str]:
+    """Paths of the memories' initial states M_0 (logical axis ``memory_state``)."""
+    names = [getattr(v, "out_sharding", None) or getattr(v, "sharding_names", None) or ()
+             for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+    return {p for p, n in zip(levels_lib.param_paths(params), names, strict=True)
+            if "memory_state" in n}
+
+
 def check(config, model, params) -> list[str]:
     """Validates ``config.teach_signal`` against the model; the fast parameter paths."""
     teach, seq_len = config.teach_signal, config.data.seq_len
@@ -76,6 +86,17 @@ def check(config, model, params) -> list[str]:
     if not (isinstance(segment, int) and 0 < segment < seq_len and seq_len % segment == 0):
         raise ConfigError(f"teach_signal.segment must divide data.seq_len={seq_len} and be "
                           f"smaller (at least two segments), got {segment!r}")
+    for key, v in config_lib.seq_len_divisors(config):
+        if segment % v:
+            raise ConfigError(
+                f"teach_signal.segment={segment} must be a multiple of {key}={v}: the "
+                f"stream state holds the tokens of an unfinished chunk, whose shape must be "
+                f"the same after every segment")
+    memory = config.model.get("memory")
+    if memory is not None and memory.get("path") == "kernel":
+        raise ConfigError("teach_signal differentiates the memory twice, and "
+                          "model.memory.path='kernel' (a Pallas forward) has no second "
+                          "derivative: use --config.model.memory.path=chunked")
     for key in ("lr", "max_update"):
         v = teach[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
@@ -95,6 +116,13 @@ def check(config, model, params) -> list[str]:
         raise ConfigError(f"teach_signal.params={teach.params!r} matches no parameter; "
                           f"paths look like 'blocks/0/mlp/levels/1/down/kernel'")
     in_context = [p for p in paths if any(p.startswith(x) for x in _in_context_prefixes(model))]
+    initial = [p for p in paths if p in _initial_state_paths(params)]
+    if initial:
+        raise ConfigError(
+            f"teach_signal.params={teach.params!r} selects initial states of in-context "
+            f"memories ({initial[:3]}...): they are read at a sequence's first token only "
+            f"and carried in the stream state after it, so a teach signal on them would act "
+            f"on the first segment only; narrow the regex (e.g. exclude '.*/memories/.*')")
     if in_context:
         raise ConfigError(
             f"teach_signal.params={teach.params!r} selects weights of CMS levels updated in "
