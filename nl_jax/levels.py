@@ -115,12 +115,6 @@ def _map_paths(fn, params):
         is_leaf=_is_variable)
 
 
-def path_matches(pattern: re.Pattern, params):
-    """A tree shaped like ``params`` (down to variables): whether each parameter's
-    path fully matches ``pattern``."""
-    return _map_paths(lambda p: bool(pattern.fullmatch(p)), params)
-
-
 def _as_dict(x) -> dict:
     return x.to_dict() if hasattr(x, "to_dict") else dict(x)
 

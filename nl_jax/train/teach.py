@@ -56,13 +56,6 @@ def enabled(config) -> bool:
     return teach is not None and bool(teach.params)
 
 
-def _flags(mask, params) -> list[bool]:
-    """``mask`` (a prefix tree of ``params``, bools at variables) as one flag per
-    array leaf of ``params``, in ``jax.tree.leaves`` order."""
-    return jax.tree.leaves(jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub),
-                                        mask, params))
-
-
 def _in_context_prefixes(model) -> list[str]:
     """Parameter-path prefixes of the CMS levels updated in context: their
     weights come from the stream state after their first chunk."""
@@ -115,8 +108,10 @@ def check(config, model, params) -> list[str]:
     if not paths:
         raise ConfigError(f"teach_signal.params={teach.params!r} matches no parameter; "
                           f"paths look like 'blocks/0/mlp/levels/1/down/kernel'")
-    in_context = [p for p in paths if any(p.startswith(x) for x in _in_context_prefixes(model))]
-    initial = [p for p in paths if p in _initial_state_paths(params)]
+    prefixes = tuple(_in_context_prefixes(model))
+    in_context = [p for p in paths if p.startswith(prefixes)]
+    initial_states = _initial_state_paths(params)
+    initial = [p for p in paths if p in initial_states]
     if initial:
         raise ConfigError(
             f"teach_signal.params={teach.params!r} selects initial states of in-context "
@@ -145,9 +140,10 @@ def make_segment_losses(model_def, config, params) -> Callable[[Any, dict], jax.
     """``segment_losses(params, batch)``: ``[B, T / P]``, the mean loss of every
     segment of every sequence, each read with the fast weights adapted on the
     segments before it."""
-    check(config, model_def.bind(params), params)
+    fast_paths = set(check(config, model_def.bind(params), params))
     teach = config.teach_signal
-    flags = _flags(levels_lib.path_matches(re.compile(teach.params), params), params)
+    # one path per parameter array, in jax.tree.leaves order
+    flags = [p in fast_paths for p in levels_lib.param_paths(params)]
     segment, lr, max_update = teach.segment, float(teach.lr), float(teach.max_update)
 
     def split(tree):
