@@ -8,11 +8,8 @@ import pytest
 from flax import nnx
 
 from nl_jax.errors import ConfigError
-from nl_jax.models.self_modifying import (
-    SelfModifyingTitans,
-    chunk_gate_terms,
-    dgd_layer_chunk,
-)
+from nl_jax.memory.self_modifying import chunk_gate_terms, dgd_layer_chunk
+from nl_jax.models.self_modifying import SelfModifyingTitans
 
 D, H, B = 16, 2, 2
 
@@ -89,7 +86,7 @@ def check_values_and_gradients(t=12, gradients=True, **sm):
     assert_close(y_fast, y_slow, 1e-5)
     assert_close_trees(s_fast, s_slow, 1e-5)
     # The memory moved: the main memory's state differs from its initial value.
-    cur = s_fast["memory"]["mem"][0]
+    cur = s_fast["memory"].main.current
     init = {k: v[...] for k, v in fast.memories["memory"].items()}
     assert max(float(jnp.abs(cur[k] - init[k][None]).max()) for k in cur) > 1e-3
     if gradients:
@@ -201,7 +198,7 @@ def test_inner_gradient_clip_matches_oracle_and_bounds_states():
                              grad_clip=0.0)
     y_free, _ = jitted(unclipped)[0](nnx.split(unclipped)[1], x)
     assert float(jnp.abs(y_free - y_fast).max()) > 1e-4      # the clip is active
-    cur = s_fast["memory"]["mem"][0]
+    cur = s_fast["memory"].main.current
     init = {k: v[...] for k, v in fast.memories["memory"].items()}
 
     def frob(w):

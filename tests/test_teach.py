@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from nl_jax import config as config_lib
 from nl_jax.errors import ConfigError
 from nl_jax.levels import param_paths
-from nl_jax.models.cms import bounded_update
+from nl_jax.memory.cms import bounded_update
 from nl_jax.train import teach
 from nl_jax.train.state import ModelDef, build_model
 from nl_jax.train.step import cross_entropy, forward_loss

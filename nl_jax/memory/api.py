@@ -27,6 +27,13 @@ import numpy as np
 from nl_jax.errors import ConfigError
 from nl_jax.memory import linear_chunked, maps
 from nl_jax.memory.chunked import chunked_head
+from nl_jax.memory.layout import (
+    from_chunk_major,
+    from_chunks,
+    pad_tokens,
+    to_chunk_major,
+    to_chunks,
+)
 from nl_jax.memory.oracle import oracle_head
 from nl_jax.memory.spec import MemorySpec, MemoryState
 
@@ -67,41 +74,6 @@ def check_inputs(q, k, v, gates=()) -> tuple[int, int, int, int, int]:
                               f"got {g.shape}")
     b, t, h, d_k = q.shape
     return b, t, h, d_k, v.shape[-1]
-
-
-def pad_tokens(x: jax.Array, chunk: int, fill: float) -> jax.Array:
-    """``[B, T, ...]`` fp32 with T padded with ``fill`` to a multiple of ``chunk``."""
-    t = x.shape[1]
-    x = x.astype(jnp.float32)
-    extra = -t % chunk
-    if extra:
-        pad = [(0, 0)] * x.ndim
-        pad[1] = (0, extra)
-        x = jnp.pad(x, pad, constant_values=fill)
-    return x
-
-
-def to_chunks(x: jax.Array, chunk: int, fill: float) -> jax.Array:
-    """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]`` fp32, T padded with ``fill``."""
-    x = pad_tokens(x, chunk, fill)
-    x = x.reshape((x.shape[0], -1, chunk) + x.shape[2:])
-    return jnp.moveaxis(x, 3, 1)
-
-
-def to_chunk_major(x: jax.Array, chunk: int, fill: float) -> jax.Array:
-    """``[B, T, H, ...]`` -> ``[N, B, H, C, ...]`` fp32, T padded with ``fill``."""
-    return jnp.moveaxis(to_chunks(x, chunk, fill), 2, 0)
-
-
-def from_chunk_major(y: jax.Array, t: int) -> jax.Array:
-    """``[N, B, H, C, d]`` -> ``[B, T, H, d]``."""
-    return from_chunks(jnp.moveaxis(y, 0, 2), t)
-
-
-def from_chunks(y: jax.Array, t: int) -> jax.Array:
-    """``[B, H, N, C, d]`` -> ``[B, T, H, d]``."""
-    b, h, n, c, d = y.shape
-    return jnp.moveaxis(y, 1, 3).reshape(b, n * c, h, d)[:, :t]
 
 
 def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array,

@@ -192,3 +192,10 @@ def rank_one_sums(errors: jax.Array, inputs: jax.Array,
                                 preferred_element_type=jnp.float32)
     d_out = errors.shape[1]
     return [total[i * d_out:(i + 1) * d_out] for i in range(len(token_weights))]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / ||x|| over the last axis (fp32 accumulation): the unit keys, values and
+    queries of the Titans and Hope memories (Titans 4.4)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)

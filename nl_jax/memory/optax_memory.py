@@ -25,7 +25,8 @@ import numpy as np
 import optax
 
 from nl_jax.memory import maps
-from nl_jax.memory.api import check_dims, check_inputs, from_chunks, to_chunks
+from nl_jax.memory.api import check_dims, check_inputs
+from nl_jax.memory.layout import from_chunks, to_chunks
 from nl_jax.memory.scan import grouped_scan, pad_leading
 from nl_jax.memory.spec import MemorySpec, OptaxMemoryState
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -34,4 +36,25 @@ def grouped_scan(step, carry, xs, group_size: int):
 
     carry, ys = jax.lax.scan(group_step, carry, grouped)
     ys = jax.tree.map(lambda y: y.reshape((n,) + y.shape[2:]), ys)
+    return carry, ys
+
+
+def remat_scan(step, carry, xs):
+    """``lax.scan(step, carry, xs)`` whose backward keeps O(sqrt(n)) carries.
+
+    For levels whose carry is the largest tensor (a CMS level's per-sequence
+    weights, B x |theta|): a plain scan keeps n of them for the backward pass.
+    The chunks run as ``grouped_scan`` over ~sqrt(n) groups of checkpointed
+    steps: the backward keeps the group-boundary carries, recomputes one group
+    and keeps its step carries, ~2 sqrt(n) in all.  Steps beyond a multiple of
+    the group run as a last, shorter scan.
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    group = max(1, math.isqrt(n))
+    n_grouped = (n // group) * group
+    step = jax.checkpoint(step)
+    carry, ys = grouped_scan(step, carry, jax.tree.map(lambda a: a[:n_grouped], xs), group)
+    if n_grouped < n:
+        carry, tail = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[n_grouped:], xs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
     return carry, ys

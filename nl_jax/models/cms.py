@@ -79,7 +79,6 @@ gelu(W_up x)), ``d_ff`` (int or one per level; default ``model.d_ff``), ``lr``,
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -87,130 +86,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.errors import ConfigError
-from nl_jax.memory.scan import grouped_scan
+from nl_jax.memory import cms as cms_engine
+from nl_jax.memory.cms import BLOCKS, CMSLevelSpec
 from nl_jax.models.layers import Dense, param
 from nl_jax.sharding import constrain
 
 NEVER = "never"
 VARIANTS = ("sequential", "independent", "nested")
-BLOCKS = ("swiglu", "mlp")
 TARGETS = ("input", "projection")
-
-
-# --------------------------------------------------------------------------
-# Chunk layout shared by every streaming in-context level.
-# --------------------------------------------------------------------------
-
-def to_chunks(x: jax.Array, offset: jax.Array | int, chunk: int, streaming: bool):
-    """Lays ``x [B, T, ...]`` out as chunks aligned to the token clock.
-
-    ``offset`` is the number of tokens of the current (unfinished) chunk that
-    earlier segments already processed; the segment starts at that position of
-    a zero buffer.  Returns ``(xs [n, B, C, ...], valid [n, C] bool,
-    complete [n] bool)``: ``valid`` marks this segment's tokens, ``complete``
-    the chunks whose last token lies in this segment (their update fires).
-    ``streaming=False`` means ``offset`` is statically 0.
-    """
-    b, t = x.shape[:2]
-    lead = chunk - 1 if streaming else 0
-    n = max(1, math.ceil((t + lead) / chunk))
-    length = n * chunk
-    buf = jnp.zeros((b, length) + x.shape[2:], x.dtype)
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, x, offset, axis=1)
-    pos = jnp.arange(length)
-    valid = (pos >= offset) & (pos < offset + t)
-    complete = (jnp.arange(n) + 1) * chunk <= offset + t
-    xs = jnp.moveaxis(buf.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
-    return xs, valid.reshape(n, chunk), complete
-
-
-def from_chunks(ys: jax.Array, offset: jax.Array | int, t: int) -> jax.Array:
-    """Inverse of ``to_chunks``: ``[n, B, C, ...] -> [B, T, ...]``."""
-    n, b, c = ys.shape[:3]
-    buf = jnp.moveaxis(ys, 0, 1).reshape((b, n * c) + ys.shape[3:])
-    return jax.lax.dynamic_slice_in_dim(buf, offset, t, axis=1)
-
-
-def remat_scan(step, carry, xs):
-    """``lax.scan(step, carry, xs)`` whose backward keeps O(sqrt(n)) carries.
-
-    The per-sequence weights are the carry (B x |theta|, the largest tensor of
-    the level), so a plain scan keeps n of them for the backward pass.  The
-    chunks run as ``grouped_scan`` over ~sqrt(n) groups of checkpointed steps:
-    the backward keeps the group-boundary carries, recomputes one group and
-    keeps its step carries, ~2 sqrt(n) in all.  Steps beyond a multiple of the
-    group run as a last, shorter scan.
-    """
-    n = jax.tree.leaves(xs)[0].shape[0]
-    group = max(1, math.isqrt(n))
-    n_grouped = (n // group) * group
-    step = jax.checkpoint(step)
-    carry, ys = grouped_scan(step, carry, jax.tree.map(lambda a: a[:n_grouped], xs), group)
-    if n_grouped < n:
-        carry, tail = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[n_grouped:], xs))
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
-    return carry, ys
-
-
-# --------------------------------------------------------------------------
-# Pure MLP blocks on explicit weights (batched over sequences).
-# --------------------------------------------------------------------------
-
-def block_apply(block: str, theta: dict[str, jax.Array], x: jax.Array,
-                dtype) -> jax.Array:
-    """The level's MLP on ``x [B, C, d]`` with per-sequence weights ``[B, ...]``."""
-    x = x.astype(dtype)
-    w = {k: v.astype(dtype) for k, v in theta.items()}
-    if block == "swiglu":
-        h = jax.nn.silu(jnp.einsum("bcd,bdf->bcf", x, w["gate"])) * jnp.einsum(
-            "bcd,bdf->bcf", x, w["up"])
-    else:
-        h = jax.nn.gelu(jnp.einsum("bcd,bdf->bcf", x, w["up"]))
-    return jnp.einsum("bcf,bfd->bcd", h, w["down"])
-
-
-def chunk_gradient(block: str, theta, x, target, eta, dtype):
-    """sum_t eta_t grad_theta ||MLP_theta(x_t) - target_t||^2 at ``theta`` (Eq. 71).
-
-    One vjp of the chunk's MLP with the cotangent ``2 eta_t (y_t - target_t)``:
-    the same sum of per-token gradients, as matmuls.  Also returns the chunk's
-    outputs ``y = MLP_theta(x)``.
-    """
-    y, vjp = jax.vjp(lambda th: block_apply(block, th, x, dtype), theta)
-    err = 2.0 * eta[..., None] * (y.astype(jnp.float32) - target.astype(jnp.float32))
-    (grad,) = vjp(err.astype(y.dtype))
-    return y, jax.tree.map(lambda g: g.astype(jnp.float32), grad)
-
-
-def bounded_update(theta, acc, max_update: float):
-    """``theta - s * acc`` per weight matrix and sequence, ``|s acc| <= max_update |theta|``.
-
-    ``s = min(1, max_update |theta|_F / |acc|_F)`` (a trust ratio; norms over
-    every axis but the leading batch axis).  The chunk's step is a sum of
-    ``period`` gradients taken at the chunk-start weights, and the curvature of
-    the SwiGLU objective grows like ``|x|^4``: without a bound one chunk with a
-    few large inputs overshoots (sum_t 2 eta_t |h_t|^2 >> 2), and the cubic
-    block then explodes within two chunks (observed: |W| 20 -> 4e3 -> 2e18 -> NaN
-    in a 128-token sequence).  With the bound ``|theta|`` grows at most by
-    ``1 + max_update`` per chunk.  ``max_update <= 0`` disables it.
-    """
-    if max_update <= 0:
-        return jax.tree.map(jnp.subtract, theta, acc)
-
-    def one(w, a):
-        axes = tuple(range(1, w.ndim))
-        w_sq = jnp.sum(w * w, axes, keepdims=True)
-        a_sq = jnp.sum(a * a, axes, keepdims=True)
-        # s < 1 only where |a| > max_update |w|.  Every square root and division
-        # reads 1 elsewhere (the two-where pattern), so derivatives of all
-        # orders stay finite at a = 0 and w = 0: the second-order gradients of
-        # the teach signal (nl_jax/train/teach.py) differentiate through here.
-        cut = a_sq > max_update ** 2 * w_sq
-        w_norm = jnp.where(w_sq > 0, jnp.sqrt(jnp.where(cut & (w_sq > 0), w_sq, 1.0)), 0.0)
-        a_norm = jnp.sqrt(jnp.where(cut, a_sq, 1.0))
-        return w - jnp.where(cut, max_update * w_norm / a_norm, 1.0) * a
-
-    return jax.tree.map(one, theta, acc)
 
 
 # --------------------------------------------------------------------------
@@ -283,115 +166,23 @@ class CMSLevel(nnx.Module):
             return self.target_proj(x.astype(jnp.float32))
         return x
 
-    def init_state(self, batch: int):
-        theta = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch,) + w.shape),
-                             self.weights())
-        state = dict(theta=theta, acc=jax.tree.map(jnp.zeros_like, theta),
-                     pos=jnp.zeros((), jnp.int32))
-        if self.reset_every:
-            state["init"] = theta   # Phi, the learned initial state (nested)
-        return state
-
-    def _reset(self, theta, init, fire):
-        """Nested CMS (Eq. 72) at a parent boundary (``fire``): Phi moves towards
-        the weights learned in the block, and the level restarts from it."""
-        eps = self.reset_lr
-        init = jax.tree.map(lambda p, w: jnp.where(fire, (1.0 - eps) * p + eps * w, p),
-                            init, theta)
-        theta = jax.tree.map(lambda p, w: jnp.where(fire, p, w), init, theta)
-        return theta, init
+    def spec(self) -> CMSLevelSpec:
+        """The engine's description of this (in-context) level."""
+        return CMSLevelSpec(block=self.block, period=self.period,
+                            max_update=self.max_update, reset_every=self.reset_every,
+                            reset_lr=self.reset_lr, dtype=self.dtype)
 
     def __call__(self, x: jax.Array, state: Any = None):
         if not self.in_context:
             return self.frozen(x), None
-        if state is None:
-            return self._one_pass(x)
-        return self._streaming(x, state)
-
-    def _chunk_step(self, theta, x_c, valid_c=None):
-        """(outputs at theta, the chunk's summed gradient): Eq. 71 for one chunk."""
-        eta = self.learning_rate(x_c)
-        if valid_c is not None:
-            eta = eta * valid_c[None, :]
-        return chunk_gradient(self.block, theta, x_c, self.value_target(x_c), eta,
-                              self.dtype)
-
-    def _one_pass(self, x: jax.Array):
-        """A whole sequence from the outer weights (training): the scan carries only
-        theta; a trailing partial chunk is handled after it (its sum is the
-        returned ``acc``)."""
-        b, t = x.shape[:2]
-        period = self.period
-        n_full, rem = divmod(t, period)
-        state = self.init_state(b)
-        if t == 0:
-            return jnp.zeros(x.shape, self.dtype), state
-        theta = state["theta"]
-        ys = []
-        if n_full:
-            def step(carry, inputs):
-                theta, init = carry
-                x_c, fire = inputs
-                y_c, grad = self._chunk_step(theta, x_c)
-                theta = bounded_update(theta, grad, self.max_update)
-                if init is not None:
-                    theta, init = self._reset(theta, init, fire)
-                return (theta, init), y_c
-
-            xs = jnp.moveaxis(x[:, :n_full * period].reshape(
-                (b, n_full, period) + x.shape[2:]), 1, 0)
-            ends = (jnp.arange(n_full) + 1) * period
-            fire = (ends % self.reset_every == 0 if self.reset_every
-                    else jnp.zeros(ends.shape, bool))
-            (theta, init), y_full = remat_scan(step, (theta, state.get("init")), (xs, fire))
-            if init is not None:
-                state["init"] = init
-            ys.append(jnp.moveaxis(y_full, 0, 1).reshape((b, n_full * period, -1)))
-        if rem:
-            y_last, acc = self._chunk_step(theta, x[:, n_full * period:])
-            ys.append(y_last)
-        else:
-            acc = jax.tree.map(jnp.zeros_like, theta)
-        y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)
-        state.update(theta=theta, acc=acc, pos=jnp.asarray(t, jnp.int32))
-        return y, state
-
-    def _streaming(self, x: jax.Array, state):
-        """A segment that continues ``state`` (its chunk may have started earlier)."""
-        if self.reset_every and "init" not in state:
+        spec = self.spec()
+        if spec.reset_every and state is not None and state.init is None:
             raise ConfigError("model.cms.variant='nested': this CMS state has no 'init' "
                               "(the learned initial state); it comes from a non-nested "
                               "CMS. Start the stream without a state or use the "
                               "variant the state was made with")
-        period = self.period
-        offset = state["pos"] % period
-        xs, valid, complete = to_chunks(x, offset, period, streaming=True)
-
-        # global position of each chunk's end: a nested reset fires there
-        ends = state["pos"] - offset + (jnp.arange(complete.shape[0]) + 1) * period
-        fire = (complete & (ends % self.reset_every == 0) if self.reset_every
-                else jnp.zeros(ends.shape, bool))
-
-        def step(carry, inputs):
-            theta, acc, init = carry
-            x_c, valid_c, complete_c, fire_c = inputs
-            y_c, grad = self._chunk_step(theta, x_c, valid_c)
-            acc = jax.tree.map(jnp.add, acc, grad)
-            new_theta = jax.tree.map(lambda w, w_next: jnp.where(complete_c, w_next, w),
-                                     theta, bounded_update(theta, acc, self.max_update))
-            acc = jax.tree.map(lambda a: jnp.where(complete_c, jnp.zeros_like(a), a), acc)
-            if init is not None:
-                new_theta, init = self._reset(new_theta, init, fire_c)
-            return (new_theta, acc, init), y_c
-
-        (theta, acc, init), ys = remat_scan(
-            step, (state["theta"], state["acc"], state.get("init")),
-            (xs, valid, complete, fire))
-        y = from_chunks(ys, offset, x.shape[1])
-        new_state = dict(theta=theta, acc=acc, pos=state["pos"] + x.shape[1])
-        if init is not None:
-            new_state["init"] = init
-        return y, new_state
+        return cms_engine.apply_level(spec, self.weights(), x, self.learning_rate,
+                                      self.value_target, state)
 
 
 class ContinuumMemory(nnx.Module):

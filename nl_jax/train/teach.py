@@ -12,7 +12,7 @@ step on that segment's loss (Eq. 71 with the task loss as l):
     L_i = mean_{t in segment i} CE(logits_t(theta_i), x_{t+1})
     theta_{i+1} = theta_i - s_i * lr * grad_theta L_i(theta_i)
 
-with s_i the trust ratio of ``cms.bounded_update`` (``max_update``; 0: plain
+with s_i the trust ratio of ``memory.cms.bounded_update`` (``max_update``; 0: plain
 SGD).  theta_0 are the outer-level weights; the outer loss is mean_i L_i and
 its gradient flows through every inner step (second order).  Soundness:
 
@@ -46,7 +46,7 @@ from nl_jax import config as config_lib
 from nl_jax import levels as levels_lib
 from nl_jax.errors import ConfigError
 from nl_jax.models import lm as lm_lib
-from nl_jax.models.cms import bounded_update
+from nl_jax.memory.cms import bounded_update
 from nl_jax.sharding import per_example_rules
 from nl_jax.train.step import cross_entropy
 
