@@ -91,6 +91,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nl_jax.memory.gates import segsum
 from nl_jax.memory.layout import from_stream_chunks, to_stream_chunks
 from nl_jax.memory.maps import clip_scale, l2_normalize
 from nl_jax.memory.objectives import HOPE_L2_SCALE
@@ -149,19 +150,9 @@ def _normalized(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return a / norm, norm
 
 
-def _segsum_exp(log_x: jax.Array, prev: bool) -> jax.Array:
-    """Gate matrix ``G[i, s] = prod_{s < l <= i'} x_l`` for ``s <= i'``, else 0.
-
-    ``i' = i`` (``prev=False``, includes the diagonal) or ``i' = i - 1``
-    (``prev=True``: strictly lower, the product up to the token before i).
-    Built from differences of cumulative log sums under a mask (log space).
-    """
-    c = log_x.shape[0]
-    cum = jnp.cumsum(log_x)
-    rows = cum - log_x if prev else cum
-    i, s = jnp.arange(c)[:, None], jnp.arange(c)[None, :]
-    mask = s < i if prev else s <= i
-    return jnp.where(mask, jnp.exp(jnp.where(mask, rows[:, None] - cum[None, :], 0.0)), 0.0)
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+    """``out[i] = sum_{l < i} x_l`` (a shifted cumulative sum, no subtraction)."""
+    return jnp.concatenate([jnp.zeros_like(x[:1]), jnp.cumsum(x)[:-1]])
 
 
 def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True) -> dict:
@@ -171,22 +162,23 @@ def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True) -> 
     every layer of every memory that updates on the chunk (and, where the gates
     are known before the chunk scan, all chunks are built at once outside it).
     ``D[t, s] = prod_{s < l <= t} alpha_l``, ``Lb[s, r] = prod_{r < l <= s} beta_l``,
-    ``nu`` the token mask (padding tokens do not add the momentum to W).
+    ``nu`` the token mask (padding tokens do not add the momentum to W).  Every
+    product is ``exp`` of a segment sum formed directly (``gates.segsum``, the
+    engine's one construction; no difference of prefix sums).
     """
-    cum = jnp.cumsum(log_alpha)
-    dp = _segsum_exp(log_alpha, prev=True)           # D[t-1, s], s < t
-    d_last = jnp.exp(cum[-1] - cum)                  # D[C-1, s]
-    terms = dict(dp=dp, d_last=d_last, gamma_prev=jnp.exp(cum - log_alpha),
+    d = jnp.exp(segsum(log_alpha))                   # D[t, s], s <= t
+    dp = jnp.concatenate([jnp.zeros_like(d[:1]), d[:-1]])   # D[t-1, s], s < t
+    d_last = d[-1]                                   # D[C-1, s]
+    terms = dict(dp=dp, d_last=d_last, gamma_prev=jnp.exp(_exclusive_cumsum(log_alpha)),
                  gamma_last=jnp.exp(jnp.sum(log_alpha)))
     if not momentum:
         return dict(terms, cmp=dp, cm_last=d_last)
-    lb = _segsum_exp(log_beta, prev=False)           # Lb[s, r], r <= s
-    cum_b = jnp.cumsum(log_beta)
-    m = jnp.exp(cum_b)
+    lb = jnp.exp(segsum(log_beta))                   # Lb[s, r], r <= s
+    m = jnp.exp(jnp.cumsum(log_beta))
     nu = jnp.ones_like(log_alpha) if valid is None else valid.astype(log_alpha.dtype)
     dp_nu, d_last_nu = dp * nu[None, :], d_last * nu
     return dict(terms, cmp=dp_nu @ lb, cm_last=d_last_nu @ lb, f_prev=dp_nu @ m,
-                f_last=d_last_nu @ m, lb_last=jnp.exp(cum_b[-1] - cum_b),
+                f_last=d_last_nu @ m, lb_last=lb[-1],
                 beta_last=jnp.exp(jnp.sum(log_beta)))
 
 
