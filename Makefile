@@ -31,6 +31,7 @@ bench: install
 	$(PY) -m nl_jax bench memory --json runs/bench/memory.json
 	$(PY) -m nl_jax bench optimizers --json runs/bench/optimizers.json
 	$(PY) -m nl_jax bench schedules --json runs/bench/schedules.json
+	$(PY) -m nl_jax bench throughput --json runs/bench/throughput.json
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check ruff==0.17.6

@@ -6,7 +6,8 @@ Commands:
              --coordinator HOST:PORT --num_processes N --process_id I)
   eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...]
   generate   sample text from a workdir's latest checkpoint [--prompt TEXT --tokens N]
-  bench      benchmarks: ``bench memory`` | ``optimizers`` | ``schedules`` (--json PATH)
+  bench      benchmarks: ``bench memory`` | ``optimizers`` | ``schedules`` | ``throughput``
+             (--json PATH)
   aot        pre-flight: compile the train step for a TPU slice (--topology v5p:4x4x8)
              and report per-chip memory; needs the tpu extra (libtpu)
   tokenizer  train the bundled byte-level BPE on text files
@@ -172,7 +173,7 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("memory", "optimizers", "schedules")
+BENCHMARKS = ("memory", "optimizers", "schedules", "throughput")
 
 
 def cmd_bench(argv: list[str]) -> int:

@@ -32,6 +32,8 @@ def test_writes_the_issue_schema(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["dense_matmul_gflops"] > 0
     assert result["shape"] == {"B": 1, "H": 2, "d": 8, "C": 16}
+    assert result["level"] == "titans_linear" and result["skipped"] == []
+    assert {r["level"] for r in result["rows"]} == {"titans_linear"}
     keys = [(r["path"], r["T"], r["mode"]) for r in result["rows"]]
     assert keys == [(p, t, m) for t in (64, 40) for p in ("oracle", "chunked")
                     for m in ("fwd", "fwd_bwd")]
@@ -45,7 +47,7 @@ def test_chunked_only_with_a_trace(tmp_path, capsys):
                        "--chunk", "16", "--repeats", "1", "--paths", "chunked",
                        "--trace", str(trace)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
-            if line.startswith("chunked")]
+            if line.startswith("chunked ")]
     assert [r[2] for r in rows] == ["fwd", "fwd_bwd"] and all(r[-1] == "-" for r in rows)
     assert glob.glob(str(trace / "**" / "*.xplane.pb"), recursive=True)
 
@@ -57,6 +59,112 @@ def test_bad_flags_exit_2(flags):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(flags)
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--level", "mamba"], "--level 'mamba': choose one of titans_linear,titans_mlp,hope,cms"),
+    (["--level", "cms", "--paths", "oracle,chunked"],
+     "--paths oracle: the cms level has no oracle path (no per-token oracle: its chunk is "
+     "its period"),
+    (["--level", "hope", "--paths", "kernel"],
+     "--paths kernel: the hope level has no kernel path (the Pallas kernel implements "
+     "titans_linear only)"),
+    (["--level", "cms", "--heads", "4"], "--heads: the cms level has no such size"),
+    (["--level", "titans_mlp", "--memory-chunk", "8"], "--memory-chunk: the titans_mlp level"),
+    (["--expansion", "2"], "--expansion: the titans_linear level has no such size"),
+    (["--level", "hope", "--expansion", "0"], "--expansion must be >= 1"),
+    (["--level", "hope", "--oracle-bwd-max-length", "-1"], "--oracle-bwd-max-length must"),
+    (["--level", "cms", "--batch", "3", "--devices", "2"],
+     "--devices 2: the batch of 3 cannot be split 2 ways")])
+def test_a_level_without_that_path_or_size_is_one_error_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("level, flags, paths", [
+    ("titans_mlp", ["--heads", "2", "--dim", "8", "--expansion", "2", "--chunk", "16",
+                    "--lengths", "40"], ("oracle", "chunked")),
+    # Hope's chunked backward takes ~15 s of CPU to compile even at this size, so
+    # the oracle here; the next test traces the chunked path's arguments and
+    # gradients, tests/test_self_modifying.py tests the path itself
+    ("hope", ["--heads", "2", "--dim", "8", "--chunk", "8", "--memory-chunk", "4",
+              "--lengths", "20", "--paths", "oracle"], ("oracle",)),
+    ("cms", ["--dim", "8", "--expansion", "2", "--chunk", "8", "--lengths", "20"],
+     ("chunked",))])
+def test_every_level_end_to_end(level, flags, paths, tmp_path, capsys, monkeypatch):
+    """Tiny shapes, lengths that end inside a chunk; JSON rows carry the level."""
+    monkeypatch.setattr(bench, "dense_matmul_gflops", lambda: 100.0)   # test_writes_...
+    out = tmp_path / f"{level}.json"
+    assert bench.main(["--level", level, "--batch", "2", "--repeats", "1",
+                       "--json", str(out)] + flags) == 0
+    result = json.loads(out.read_text())
+    assert result["level"] == level
+    assert [(r["level"], r["path"], r["mode"]) for r in result["rows"]] == [
+        (level, p, m) for p in paths for m in ("fwd", "fwd_bwd")]
+    assert all(r["ms"] > 0 and r["gflops"] > 0 for r in result["rows"])
+    text = capsys.readouterr().out
+    assert f"level {level}: B=2" in text
+    if level == "cms":
+        assert result["shape"] == {"B": 2, "d": 8, "C": 8, "expansion": 2, "d_ff": 16}
+        assert "cms: no per-token oracle" in text
+    elif level == "titans_mlp":
+        summary = [line.split() for line in text.splitlines() if line.startswith(level)]
+        assert [s[:2] for s in summary] == [[level, "40"]]
+        assert all(s.endswith("x") for s in summary[0][2:])
+
+
+def test_fwd_bwd_differentiates_inputs_and_initial_weights():
+    """For every level the gradient covers every argument: the initial weights
+    (Hope: and the gate read-outs; CMS: and the learning-rate projection) and
+    every input (traced only: compiling Hope's backward takes seconds)."""
+    shapes = {"titans_linear": dict(h=1), "titans_mlp": dict(h=1, expansion=2),
+              "hope": dict(h=1, memory_chunk=4), "cms": dict(expansion=2)}
+    counts = {}
+    for level, shape in shapes.items():
+        _, fwd_bwd, args = bench.functions("chunked", 12, b=1, d=4, c=8, level=level,
+                                           **shape)
+        grads = jax.eval_shape(fwd_bwd, *args)
+        assert jax.tree.structure(grads) == jax.tree.structure(tuple(args))
+        assert jax.tree.map(lambda g: (g.shape, g.dtype), grads) == jax.tree.map(
+            lambda a: (a.shape, a.dtype), tuple(args))
+        counts[level] = len(jax.tree.leaves(grads))
+    # q, k, v, theta, eta, alpha + W (linear) or W1, W2; Hope: u, q, log beta, the 5
+    # memories' W1, W2 and the eta, alpha read-outs (r, b); CMS: x, 3 weights, w, b
+    assert counts == {"titans_linear": 7, "titans_mlp": 8, "hope": 17, "cms": 6}
+
+
+def test_slow_oracle_backward_is_skipped_above_its_length(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def measure(path, t, repeats, level, modes, mesh=None, **shape):
+        calls.append((path, t, modes))
+        return [{"level": level, "path": path, "T": t, "mode": m, "ms": 1.0, "gflops": 1.0,
+                 "devices": 1} for m in modes]
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "dense_matmul_gflops", lambda: 100.0)
+    out = tmp_path / "hope.json"
+    assert bench.main(["--level", "hope", "--lengths", "2048,4096", "--devices", "1",
+                       "--json", str(out)]) == 0
+    assert calls == [("oracle", 2048, ("fwd", "fwd_bwd")), ("chunked", 2048, ("fwd", "fwd_bwd")),
+                     ("oracle", 4096, ("fwd",)), ("chunked", 4096, ("fwd", "fwd_bwd"))]
+    result = json.loads(out.read_text())
+    assert result["skipped"] == [{"level": "hope", "path": "oracle", "T": 4096,
+                                  "mode": "fwd_bwd",
+                                  "reason": "T > --oracle-bwd-max-length 2048"}]
+    assert result["shape"] == {"B": 2, "H": 4, "d": 64, "C": 32, "expansion": 1,
+                               "memory_C": 16}
+    text = capsys.readouterr().out
+    assert "oracle     4096 fwd_bwd  skipped: T > --oracle-bwd-max-length 2048" in text
+    assert [line.split() for line in text.splitlines() if line.startswith("hope ")] == [
+        ["hope", "2048", "1.0x", "1.0x"], ["hope", "4096", "1.0x", "-"]]
+    calls.clear()
+    assert bench.main(["--level", "hope", "--lengths", "4096", "--devices", "1",
+                       "--oracle-bwd-max-length", "0", "--paths", "oracle"]) == 0
+    assert calls == [("oracle", 4096, ("fwd", "fwd_bwd"))]
 
 
 def test_sharded_over_heads_and_batch_equals_one_device():

@@ -1,16 +1,52 @@
-"""``python -m nl_jax bench memory [--json PATH]``: oracle scan vs chunked dual form.
+"""``python -m nl_jax bench memory [--level L] [--json PATH]``: oracle scan vs chunked form.
 
-Full Titans rule (linear memory, L2 objective, per-token theta/eta/alpha,
-momentum + weight decay, no DGD) at B=2, H=4, d=64, C=64, T in {2048, 8192}:
-forward and forward+backward wall time of both paths, the achieved GFLOP/s,
-and a dense 2048 x 2048 fp32 matmul measured in the same run for reference.
-Other shapes: ``--lengths``, ``--batch``, ``--heads``, ``--dim``, ``--chunk``;
-``--paths chunked`` skips the (slow) oracle, ``--paths oracle,chunked,kernel``
-adds the Pallas kernel path (``kernels/linear_memory.py``: Mosaic on a TPU,
-Triton on a CUDA GPU, Pallas interpret mode on the CPU, so its CPU figures say
-nothing about speed); ``--trace DIR`` also records a
+Times one token-clock level of ``nl_jax/memory`` alone (no projections),
+forward and forward+backward, on each of its paths (``--paths``), with the
+achieved GFLOP/s and a dense 2048 x 2048 fp32 matmul measured in the same run
+for reference.  ``--level`` (default ``titans_linear``):
+
+* ``titans_linear``: the full Titans rule (linear memory, L2 objective,
+  per-token theta/eta/alpha, momentum + weight decay, no DGD) at B=2, H=4,
+  d=64, C=64; paths oracle, chunked, kernel.
+* ``titans_mlp``: the same rule on Titans' deep memory (``MemorySpec(kind="mlp")``,
+  two layers, hidden = ``--expansion`` x d) at B=2, H=4, d=64, expansion 4,
+  C=64; paths oracle, chunked.
+* ``hope``: Hope's self-modifying memories (``memory/self_modifying.py``: the
+  adaptive k, v, eta, alpha memories and the main memory, MLP memories, DGD,
+  momentum, retention; the options of ``models/self_modifying.py`` with
+  hidden_mult = ``--expansion``) at B=2, H=4, d=64, expansion 1, C=32 (the
+  adaptive memories' chunk), ``--memory-chunk`` 16 (the main memory's);
+  paths oracle, chunked.
+* ``cms``: an in-context CMS level (``memory/cms.py``: a SwiGLU block of
+  d_model ``--dim`` and d_ff ``--expansion`` x d_model, updated every
+  ``--chunk`` tokens, trust-ratio bound 0.005) at B=2, d_model 256, d_ff 1024,
+  period 32.  It has no per-token oracle (its chunk IS its period): its only
+  path is the one-pass form, ``chunked``, which is its own reference.
+
+Lengths ``--lengths`` (default 2048, 8192); other shapes ``--batch``,
+``--heads``, ``--dim``, ``--chunk``, ``--expansion``, ``--memory-chunk`` (a
+flag that a level does not have is refused).  ``--paths chunked`` skips the
+(slow) oracle, ``--paths oracle,chunked,kernel`` adds the Pallas kernel path
+of ``titans_linear`` (``kernels/linear_memory.py``: Mosaic on a TPU, Triton on
+a CUDA GPU; refused on the CPU); ``--trace DIR`` also records a
 ``jax.profiler`` trace of the chunked forward and forward+backward at the
 first length (open it with TensorBoard's profile plugin or Perfetto).
+``fwd_bwd`` is the gradient of a weighted sum of the outputs w.r.t. every
+input (vectors and gates) and the level's initial state (the outer-level
+initial weights; Hope's gate read-outs; the CMS learning-rate projection).
+
+Timing: each function is compiled first; a row is the median of
+``--repeats`` calls after one warm-up call, or, when that first call takes
+over a second (the per-token oracles' backward), that one call alone.  The
+per-token oracles' backward of ``titans_mlp`` and ``hope`` is slow and grows
+linearly with T (a sequential scan of small products; on the 2-core CPU,
+shared with other jobs, about 5 s per call at T=512 for ``titans_mlp`` and
+6 s at T=256 for ``hope``: tens of seconds at T=2048, minutes at 8192), so
+their ``oracle fwd_bwd`` rows are measured only up to
+``--oracle-bwd-max-length`` (default 2048 for them; no limit for
+``titans_linear``, whose oracle backward takes about 2 s at T=8192 on the
+CPU); a skipped row is named in the table and the JSON (``skipped``), and
+``--oracle-bwd-max-length 0`` measures every length.
 
 Devices: both paths run under ``jit`` with their inputs sharded over a
 ``(data, tensor)`` mesh of ``--devices`` devices: heads over ``tensor`` and,
@@ -22,9 +58,10 @@ XLA:CPU runs each batched GEMM of these shapes on a single thread, so one
 CPU device leaves all but one core idle, while the dense reference (one
 device, one large GEMM) uses them all.  ``--devices 1``: one device.  On an
 accelerator with ``--devices N`` the "% dense" column compares with N times
-the one-device dense figure.
+the one-device dense figure.  ``cms`` has no heads: its batch rows go over
+``data`` and its weights are replicated.
 
-FLOP counts (multiply-adds count 2), per (batch, head):
+FLOP counts (multiply-adds count 2), ``titans_linear``, per (batch, head):
 
 * chunked, per chunk of C tokens with d = d_k = d_v (the algorithm's useful
   matmuls; the gates' prefix-sum and last-row products, O(C^2), are not
@@ -36,12 +73,19 @@ FLOP counts (multiply-adds count 2), per (batch, head):
 * oracle, per token: M k 2d^2, the outer-product gradient 2d^2, the S update
   3d^2, the M update 3d^2, M q 2d^2: 12 d^2.
 * forward+backward counts 3x the forward FLOPs (backward ~ 2x forward).
+
+``titans_mlp``, ``hope`` and ``cms`` count the useful work of the level's
+chunked algorithm as the model FLOP count does (``nl_jax/models/flops.py``:
+matrix products only; the last chunk's state update, which only a streaming
+continuation reads, not counted), the same count for every path: an oracle
+row's GFLOP/s is the rate at which it does the chunked form's work.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,16 +94,37 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+from nl_jax.memory import cms as cms_engine
+from nl_jax.memory import self_modifying as hope_engine
+from nl_jax.models import flops as model_flops
 from nl_jax.train.mesh import make_mesh
 
 B, H, D, C = 2, 4, 64, 64
 LENGTHS = (2048, 8192)
 PATHS = ("oracle", "chunked", "kernel")
 DEFAULT_PATHS = ("oracle", "chunked")
+LEVELS = ("titans_linear", "titans_mlp", "hope", "cms")
+LEVEL_PATHS = {"titans_linear": PATHS, "titans_mlp": DEFAULT_PATHS,
+               "hope": DEFAULT_PATHS, "cms": ("chunked",)}
+# Default shape of each level: batch b, heads h, head (cms: model) dim d, chunk c
+# (cms: the period), hidden width = expansion x d, Hope's main-memory chunk.
+SHAPES = {"titans_linear": dict(b=B, h=H, d=D, c=C),
+          "titans_mlp": dict(b=2, h=4, d=64, c=64, expansion=4),
+          "hope": dict(b=2, h=4, d=64, c=32, expansion=1, memory_chunk=16),
+          "cms": dict(b=2, d=256, c=32, expansion=4)}
+SHAPE_FLAGS = {"b": "batch", "h": "heads", "d": "dim", "c": "chunk",
+               "expansion": "expansion", "memory_chunk": "memory-chunk"}
+SHAPE_KEYS = {"b": "B", "h": "H", "d": "d", "c": "C", "expansion": "expansion",
+              "memory_chunk": "memory_C"}   # the JSON's "shape" names
+# oracle fwd_bwd rows are measured up to this T by default (0: no limit)
+ORACLE_BWD_MAX_LENGTH = {"titans_linear": 0, "titans_mlp": 2048, "hope": 2048, "cms": 0}
+CMS_LR = 1e-2        # models/cms.py's default cms.lr
+SLOW_S = 1.0         # a first call this long is the row's only timed call
 
 
 def chunked_flops(t: int, c: int = C, d: int = D, b: int = B, h: int = H) -> float:
@@ -73,6 +138,39 @@ def oracle_flops(t: int, d: int = D, b: int = B, h: int = H) -> float:
     return float(b * h * t * 12 * d * d)
 
 
+def titans_spec(kind: str, path: str, c: int, expansion: int = 2) -> MemorySpec:
+    """The Titans rule the benchmark times (module docstring)."""
+    return MemorySpec(kind=kind, objective="l2", momentum=True, weight_decay=True,
+                      dgd=False, mlp_expansion=expansion, chunk_size=c, path=path)
+
+
+def hope_spec(path: str, c: int, expansion: int, memory_chunk: int):
+    """(engine spec, model options) of Hope's memories: ``models/self_modifying.py``'s
+    defaults with MLP memories of hidden_mult ``expansion`` and the given chunks."""
+    from nl_jax.models.self_modifying import DEFAULTS, spec_from_options
+    options = {**DEFAULTS, "path": path, "memory": "mlp", "hidden_mult": expansion,
+               "chunk_size": c, "memory_chunk_size": memory_chunk}
+    return spec_from_options(options), options
+
+
+def level_flops(level: str, path: str, t: int, b: int, d: int, c: int, h: int = 1,
+                expansion: int = 2, memory_chunk: int = 16) -> float:
+    """Forward FLOPs of one call (module docstring)."""
+    if level == "titans_linear":
+        return oracle_flops(t, d, b, h) if path == "oracle" else chunked_flops(t, c, d, b, h)
+    if level == "titans_mlp":
+        work = model_flops.chunked(t, c, *model_flops.titans_memory_chunk(
+            titans_spec("mlp", path, c, expansion), c, d))
+    elif level == "hope":
+        options = hope_spec(path, c, expansion, memory_chunk)[1]
+        work = (model_flops.chunked(t, c, *model_flops.hope_stage1_chunk(options, d))
+                + model_flops.chunked(t, memory_chunk,
+                                      *model_flops.hope_stage2_chunk(options, d)))
+    else:
+        work = model_flops.cms_level_flops(d, t, c, "swiglu", expansion * d, "input")
+    return float(b * h * work)
+
+
 def median_ms(fn, args, repeats: int) -> float:
     """Median wall time in ms of ``fn(*args)`` after one warm-up (compile) call."""
     jax.block_until_ready(fn(*args))
@@ -84,6 +182,21 @@ def median_ms(fn, args, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def call_ms(fn, args, repeats: int, slow_s: float = SLOW_S) -> float:
+    """Wall time in ms of the jitted ``fn(*args)``, compiled first: the median of
+    ``repeats`` calls after a warm-up call, or that first call alone when it
+    takes ``slow_s`` seconds or more."""
+    compiled = fn.lower(*args).compile()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+        if times[0] >= slow_s:
+            return 1e3 * times[0]
+    return 1e3 * statistics.median(times[1:])
+
+
 def dense_matmul_gflops(repeats: int = 5) -> float:
     """GFLOP/s of one 2048 x 2048 fp32 matmul."""
     a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.float32)
@@ -92,18 +205,101 @@ def dense_matmul_gflops(repeats: int = 5) -> float:
     return 2 * 2048 ** 3 / (ms * 1e-3) / 1e9
 
 
+def normal(rng: np.random.Generator, shape, scale: float = 1.0, shift: float = 0.0):
+    """``shift + scale * N(0, 1)`` fp32 (NumPy: no small XLA programs to compile)."""
+    return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def on_device(tree):
+    """NumPy leaves as device arrays (so that timed calls do not transfer them)."""
+    return jax.tree.map(jnp.asarray, tree)
+
+
 def inputs(t: int, b: int = B, h: int = H, d: int = D):
     """Unit-norm q, k, random v and sigmoid gates, ``[B, T, H, ...]``."""
-    ks = jax.random.split(jax.random.PRNGKey(t), 6)
-    q = jax.random.normal(ks[0], (b, t, h, d))
-    k = jax.random.normal(ks[1], (b, t, h, d))
-    q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(ks[2], (b, t, h, d))
-    theta = 0.1 * jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
-    eta = jax.nn.sigmoid(2.0 + jax.random.normal(ks[4], (b, t, h)))
-    alpha = jax.nn.sigmoid(-4.0 + jax.random.normal(ks[5], (b, t, h)))
-    return q, k, v, theta, eta, alpha
+    rng = np.random.default_rng(t)
+    q, k, v = (normal(rng, (b, t, h, d)) for _ in range(3))
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    theta = 0.1 * sigmoid(normal(rng, (b, t, h)))
+    eta = sigmoid(normal(rng, (b, t, h), shift=2.0))
+    alpha = sigmoid(normal(rng, (b, t, h), shift=-4.0))
+    return on_device((q, k, v, theta, eta, alpha))
+
+
+def titans_level(kind: str, path: str, t: int, b: int, h: int, d: int, c: int,
+                 expansion: int = 2):
+    """(forward, initial weights, inputs) of a Titans memory (``apply_memory``)."""
+    spec = titans_spec(kind, path, c, expansion)
+    # one jitted program rather than a handful of eager ones
+    init = jax.jit(init_memory_params, static_argnums=(0, 2, 3, 4))
+    params = init(spec, jax.random.PRNGKey(0), h, d, d)
+    return functools.partial(apply_memory, spec), params, inputs(t, b, h, d)
+
+
+def hope_level(path: str, t: int, b: int, h: int, d: int, c: int, expansion: int,
+               memory_chunk: int):
+    """(forward, outer-level weights, inputs) of Hope's self-modifying memories,
+    built as ``models/self_modifying.py`` builds them: every memory's initial
+    weights ``{"w1": [H, d, hidden], "w2": [H, hidden, d]}`` (its init scales),
+    the adaptive gates' read-outs ``(r [H, d], b [H])``; inputs u and the plain
+    q ``[B, T, H, d]``, the log momentum gate ``[B, T, H]``."""
+    spec = hope_spec(path, c, expansion, memory_chunk)[0]
+    hidden = expansion * d
+    rng = np.random.default_rng(t)
+    weights = {box: {"w2": normal(rng, (h, hidden, d), d ** -0.5),
+                     "w1": normal(rng, (h, d, hidden), 0.1 * hidden ** -0.5)}
+               for box in spec.adaptive + ("memory",)}
+    bias = {"eta": -2.0, "alpha": 4.0}
+    readout = {box: (normal(rng, (h, d), d ** -0.5), np.full((h,), bias[box], np.float32))
+               for box in hope_engine.GATE_BOXES if box in spec.adaptive}
+    plain = {box: normal(rng, (b, t, h, d)) for box in spec.plain_vectors}
+    plain.update({box: normal(rng, (b, t, h), shift=bias[box]) for box in spec.plain_gates})
+    log_beta = np.log(sigmoid(normal(rng, (b, t, h), shift=2.0)))
+
+    def forward(params, u, plain, log_beta):
+        state = hope_engine.initial_state(spec, params["weights"], u.shape[0])
+        return hope_engine.apply_self_modifying(spec, state, u, plain, log_beta,
+                                                params["readout"], streaming=False)
+
+    return forward, on_device({"weights": weights, "readout": readout}), on_device(
+        (normal(rng, (b, t, h, d)), plain, log_beta))
+
+
+def cms_level(t: int, b: int, d: int, c: int, expansion: int):
+    """(forward, outer-level weights, input) of an in-context SwiGLU CMS level:
+    weights gate, up ``[d, F]``, down ``[F, d]`` and the learning-rate projection
+    (eta_t = lr sigmoid(w . x_t + b), ``w, b`` zero as at init), target x_t."""
+    spec = cms_engine.CMSLevelSpec(block="swiglu", period=c)
+    f = expansion * d
+    rng = np.random.default_rng(t)
+    weights = {"gate": normal(rng, (d, f), d ** -0.5), "up": normal(rng, (d, f), d ** -0.5),
+               "down": normal(rng, (f, d), f ** -0.5)}
+    params = {"weights": weights, "lr_w": np.zeros((d,), np.float32),
+              "lr_b": np.zeros((), np.float32)}
+
+    def forward(params, x):
+        def learning_rate(x_c):
+            return CMS_LR * jax.nn.sigmoid(x_c @ params["lr_w"] + params["lr_b"])
+        return cms_engine.apply_level(spec, params["weights"], x, learning_rate,
+                                      lambda x_c: x_c)
+
+    return forward, on_device(params), on_device((normal(rng, (b, t, d)),))
+
+
+def level_setup(level: str, path: str, t: int, b: int, d: int, c: int, h: int = 1,
+                expansion: int = 2, memory_chunk: int = 16):
+    """(forward(params, *inputs) -> (y, state), params, inputs) of one level; y has
+    the shape of the first input."""
+    if level in ("titans_linear", "titans_mlp"):
+        return titans_level(level.split("_")[1], path, t, b, h, d, c, expansion)
+    if level == "hope":
+        return hope_level(path, t, b, h, d, c, expansion, memory_chunk)
+    return cms_level(t, b, d, c, expansion)
 
 
 def cores() -> int:
@@ -151,62 +347,68 @@ def head_mesh(devices: int, b: int, h: int) -> jax.sharding.Mesh:
                          f"{jax.default_backend()} devices are available")
     if not splits(devices, b, h):
         ok = [n for n in range(1, b * h + 1) if splits(n, b, h)]
-        raise ValueError(f"--devices {devices}: the {h} heads and then the batch of {b} "
-                         f"cannot be split {devices} ways; use one of {ok}")
+        what = f"the {h} heads and then the batch of {b}" if h > 1 else f"the batch of {b}"
+        raise ValueError(f"--devices {devices}: {what} cannot be split {devices} ways; "
+                         f"use one of {ok}")
     tensor = math.gcd(h, devices)
     return make_mesh({"data": devices // tensor, "tensor": tensor}, jax.devices()[:devices])
 
 
-def place(mesh: jax.sharding.Mesh | None, params: dict, *arrays: jax.Array):
-    """Params ``[H, ...]`` over ``tensor``; ``[B, T, H, ...]`` arrays over (data, tensor)."""
+def place(mesh: jax.sharding.Mesh | None, params, *arrays, heads: bool = True):
+    """Params (leaves ``[H, ...]``) over ``tensor``; inputs (pytrees of leaves
+    ``[B, T, H, ...]``) over (data, tensor).  ``heads`` False (cms): inputs
+    ``[B, T, d]`` over data, params replicated."""
     if mesh is None:
         return (params,) + arrays
 
-    def put(x, spec):
-        return jax.device_put(x, NamedSharding(mesh, spec))
-    params = jax.tree.map(lambda p: put(p, P("tensor")), params)
-    return (params,) + tuple(put(x, P("data", None, "tensor")) for x in arrays)
+    def put(tree, spec):
+        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
+    params = put(params, P("tensor") if heads else P())
+    spec = P("data", None, "tensor") if heads else P("data")
+    return (params,) + tuple(put(x, spec) for x in arrays)
 
 
 def functions(path: str, t: int, b: int = B, h: int = H, d: int = D, c: int = C,
-              mesh: jax.sharding.Mesh | None = None):
-    """Jitted forward and forward+backward of one path, and their arguments
-    (placed on ``mesh``'s devices, or left on the default device)."""
-    spec = MemorySpec(kind="linear", objective="l2", momentum=True, weight_decay=True,
-                      dgd=False, chunk_size=c, path=path)
-    params = init_memory_params(spec, jax.random.PRNGKey(0), h, d, d)
-    weights = jax.random.normal(jax.random.PRNGKey(7), (b, t, h, d))
-    args = place(mesh, params, *inputs(t, b, h, d), weights)
+              mesh: jax.sharding.Mesh | None = None, level: str = "titans_linear",
+              **extra):
+    """Jitted forward and forward+backward of one level's path, and their arguments
+    ``(params, *inputs)`` (placed on ``mesh``'s devices, or left on the default
+    device).  The backward is the gradient of a weighted sum of the outputs
+    w.r.t. every argument: initial weights and all inputs."""
+    if level == "cms":
+        h = 1
+    forward, params, xs = level_setup(level, path, t, b=b, h=h, d=d, c=c, **extra)
+    weights = on_device(normal(np.random.default_rng(7), xs[0].shape))   # y's shape
+    args = place(mesh, params, *xs, weights, heads=level != "cms")
     args, weights = args[:-1], args[-1]
 
-    def forward(p, *x):
-        return apply_memory(spec, p, *x)
-
     def loss(p, *x):
-        return jnp.sum(weights * apply_memory(spec, p, *x)[0])
+        return jnp.sum(weights * forward(p, *x)[0])
 
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=tuple(range(7)))), args
+    return (jax.jit(forward), jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))),
+            args)
 
 
 def measure(path: str, t: int, repeats: int, b: int = B, h: int = H, d: int = D,
-            c: int = C, mesh: jax.sharding.Mesh | None = None) -> list[dict]:
-    """fwd and fwd_bwd rows for one path and length."""
-    fwd, fwd_bwd, args = functions(path, t, b, h, d, c, mesh)
+            c: int = C, mesh: jax.sharding.Mesh | None = None,
+            level: str = "titans_linear", modes=("fwd", "fwd_bwd"), **extra) -> list[dict]:
+    """One row per mode (``fwd``, ``fwd_bwd``) for one path and length."""
+    fwd, fwd_bwd, args = functions(path, t, b, h, d, c, mesh, level, **extra)
     devices = 1 if mesh is None else mesh.size
-    flops = oracle_flops(t, d, b, h) if path == "oracle" else chunked_flops(t, c, d, b, h)
-    slow = path == "oracle" and t > 2048
+    flops = level_flops(level, path, t, b, d, c, h if level != "cms" else 1, **extra)
     rows = []
     for mode, fn, scale in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.0)):
-        ms = median_ms(fn, args, 1 if slow and mode == "fwd_bwd" else repeats)
-        rows.append({"path": path, "T": t, "mode": mode, "ms": ms,
-                     "gflops": scale * flops / (ms * 1e-3) / 1e9, "devices": devices})
+        if mode in modes:
+            ms = call_ms(fn, args, repeats)
+            rows.append({"level": level, "path": path, "T": t, "mode": mode, "ms": ms,
+                         "gflops": scale * flops / (ms * 1e-3) / 1e9, "devices": devices})
     return rows
 
 
-def record_trace(directory: str, t: int, b: int, h: int, d: int, c: int,
-                 mesh: jax.sharding.Mesh | None = None) -> None:
+def record_trace(directory: str, t: int, mesh: jax.sharding.Mesh | None = None,
+                 level: str = "titans_linear", **shape) -> None:
     """A ``jax.profiler`` trace of three chunked fwd and fwd_bwd calls (after compiling)."""
-    fwd, fwd_bwd, args = functions("chunked", t, b, h, d, c, mesh)
+    fwd, fwd_bwd, args = functions("chunked", t, mesh=mesh, level=level, **shape)
     for fn in (fwd, fwd_bwd):
         jax.block_until_ready(fn(*args))
     with jax.profiler.trace(directory):
@@ -227,59 +429,160 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv: list[str]) -> int:
-    """Run the benchmark, print a table, optionally write JSON."""
-    parser = argparse.ArgumentParser(prog="python -m nl_jax bench memory",
-                                     description=__doc__.splitlines()[0])
+def describe(level: str, shape: dict) -> str:
+    """The shape line of the table, e.g. ``B=2 H=4 d=64 C=64``."""
+    if level == "cms":
+        return (f"B={shape['b']} d_model={shape['d']} d_ff={shape['expansion'] * shape['d']}"
+                f" period={shape['c']}")
+    text = " ".join(f"{SHAPE_KEYS[k]}={v}" for k, v in shape.items())
+    return text + (f" (hidden {shape['expansion'] * shape['d']})" if "expansion" in shape
+                   else "")
+
+
+def json_shape(level: str, shape: dict) -> dict:
+    """The JSON's ``shape``: ``{"B", "H", "d", "C"}`` and the level's other sizes."""
+    out = {SHAPE_KEYS[k]: v for k, v in shape.items()}
+    if level == "cms":
+        out["d_ff"] = shape["expansion"] * shape["d"]
+    return out
+
+
+def print_speedups(level: str, rows: list[dict], lengths: list[int]) -> None:
+    """Per length, the chunked path's speed relative to the oracle's."""
+    if level == "cms":
+        print("cms: no per-token oracle (its chunk is its period); the one-pass form "
+              "(chunked) is the level's reference")
+        return
+    ms = {(r["path"], r["T"], r["mode"]): r["ms"] for r in rows}
+    if not any(p == "oracle" for p, _, _ in ms) or not any(p == "chunked" for p, _, _ in ms):
+        return
+    print("chunked vs oracle (oracle ms / chunked ms):")
+    print(f"{'level':14s} {'T':>6s} {'fwd':>8s} {'fwd_bwd':>8s}")
+    for t in lengths:
+        cells = []
+        for mode in ("fwd", "fwd_bwd"):
+            oracle, chunked = ms.get(("oracle", t, mode)), ms.get(("chunked", t, mode))
+            cells.append(f"{oracle / chunked:7.1f}x" if oracle and chunked else f"{'-':>8s}")
+        print(f"{level:14s} {t:6d} {cells[0]} {cells[1]}")
+
+
+def parse(argv: list[str]):
+    """(parser, args, level, paths, shape, oracle_bwd_max_length); bad flags exit 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nl_jax bench memory", description=__doc__.splitlines()[0],
+        epilog="Levels and their paths: titans_linear (oracle, chunked, kernel), "
+               "titans_mlp (oracle, chunked), hope (oracle, chunked), cms (chunked only: "
+               "no per-token oracle, its chunk is its period, so the one-pass form is "
+               "its reference).  The per-token oracles of titans_mlp and hope take tens "
+               "of seconds or more per forward+backward call at T=2048; see "
+               "--oracle-bwd-max-length.  Module docstring: nl_jax/bench/memory.py.")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--level", default="titans_linear",
+                        help="the token-clock level: " + ", ".join(LEVELS)
+                             + " (default titans_linear)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row")
     parser.add_argument("--lengths", type=int_list, default=list(LENGTHS),
                         help="sequence lengths T, comma-separated (default 2048,8192)")
-    parser.add_argument("--batch", type=int, default=B)
-    parser.add_argument("--heads", type=int, default=H)
-    parser.add_argument("--dim", type=int, default=D, help="d_k = d_v per head")
-    parser.add_argument("--chunk", type=int, default=C, help="chunk size C")
-    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
-                        help="comma-separated subset of oracle,chunked,kernel (default "
-                             "oracle,chunked; kernel: the Pallas kernel, in interpret "
-                             "mode on the CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="batch rows (default 2)")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="heads (default 4; cms has none)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="d_k = d_v per head (default 64; cms: d_model, default 256)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chunk size C (defaults: titans 64; hope 32, the adaptive "
+                             "memories'; cms 32, its period)")
+    parser.add_argument("--expansion", type=int, default=None,
+                        help="hidden width = expansion x dim: titans_mlp's mlp_expansion "
+                             "(default 4), hope's hidden_mult (1), cms d_ff / d_model (4)")
+    parser.add_argument("--memory-chunk", type=int, default=None,
+                        help="hope: the main memory's chunk (default 16)")
+    parser.add_argument("--paths", default=None,
+                        help="comma-separated subset of the level's paths oracle, chunked, "
+                             "kernel (default oracle,chunked, cms chunked; kernel: the "
+                             "Pallas kernel, titans_linear on a TPU or CUDA GPU)")
+    parser.add_argument("--oracle-bwd-max-length", type=int, default=None, metavar="T",
+                        help="measure oracle fwd_bwd only at lengths <= T (default 2048 for "
+                             "titans_mlp and hope, whose per-token backward is slow; 0 = "
+                             "every length, the default for titans_linear)")
     parser.add_argument("--devices", type=int, default=None,
                         help="devices to shard batch and heads over (default: one per "
                              "core on the CPU, one on an accelerator)")
     parser.add_argument("--trace", metavar="DIR",
                         help="also write a jax.profiler trace of the chunked path here")
     args = parser.parse_args(argv)
-    paths = [p for p in args.paths.split(",") if p]
+    level = args.level
+    if level not in LEVELS:
+        parser.error(f"--level {level!r}: choose one of {','.join(LEVELS)}")
+    paths = ([p for p in args.paths.split(",") if p] if args.paths is not None
+             else [p for p in DEFAULT_PATHS if p in LEVEL_PATHS[level]])
     if not paths or set(paths) - set(PATHS):
         parser.error(f"--paths {args.paths!r}: choose from {','.join(PATHS)}")
+    for path in paths:
+        if path not in LEVEL_PATHS[level]:
+            why = (" (no per-token oracle: its chunk is its period, so the one-pass form "
+                   "is its reference)" if level == "cms" else
+                   " (the Pallas kernel implements titans_linear only)"
+                   if path == "kernel" else "")
+            parser.error(f"--paths {path}: the {level} level has no {path} path{why}; "
+                         f"its paths are {','.join(LEVEL_PATHS[level])}")
     from kernels.linear_memory import BACKENDS
     if "kernel" in paths and jax.default_backend() not in BACKENDS:
         parser.error(f"--paths kernel: the memory kernel runs on TPUs and CUDA GPUs, not "
                      f"on {jax.default_backend()}; leave it out")
-    for name in ("repeats", "batch", "heads", "dim", "chunk"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    shape = dict(SHAPES[level])
+    for key, flag in SHAPE_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is None:
+            continue
+        if key not in shape:
+            parser.error(f"--{flag}: the {level} level has no such size; its sizes are "
+                         + ", ".join(f"--{SHAPE_FLAGS[k]}" for k in shape))
+        if value < 1:
+            parser.error(f"--{flag} must be >= 1")
+        shape[key] = value
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.devices is not None and args.devices < 1:
         parser.error("--devices must be >= 1")
+    bwd_max = args.oracle_bwd_max_length
+    if bwd_max is not None and bwd_max < 0:
+        parser.error("--oracle-bwd-max-length must be >= 0 (0: no limit)")
+    return (parser, args, level, paths, shape,
+            ORACLE_BWD_MAX_LENGTH[level] if bwd_max is None else bwd_max)
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark, print a table, optionally write JSON."""
+    parser, args, level, paths, shape, bwd_max = parse(argv)
     one_cpu_device_per_core(at_least=args.devices or 1)
-    devices = args.devices or default_devices(args.batch, args.heads)
+    b, h = shape["b"], shape.get("h", 1)
+    devices = args.devices or default_devices(b, h)
     try:
-        mesh = head_mesh(devices, args.batch, args.heads) if devices > 1 else None
+        mesh = head_mesh(devices, b, h) if devices > 1 else None
     except ValueError as e:
         parser.error(str(e))
-    shape = dict(b=args.batch, h=args.heads, d=args.dim, c=args.chunk)
     dense = dense_matmul_gflops()
     # the reference for "% dense": on the CPU one device already uses every core;
     # on accelerators each device is a chip of its own
     reference = dense * (devices if jax.default_backend() != "cpu" else 1)
-    rows = []
+    rows, skipped = [], []
     for t in args.lengths:
         for path in (p for p in PATHS if p in paths):
-            rows.extend(measure(path, t, args.repeats, mesh=mesh, **shape))
-    layout = (f"{devices} devices (batch over {mesh.shape['data']}, heads over "
-              f"{mesh.shape['tensor']})" if mesh else "1 device")
-    print(f"B={args.batch} H={args.heads} d={args.dim} C={args.chunk}, "
-          f"{jax.devices()[0].platform}, {layout}")
+            modes = ("fwd", "fwd_bwd")
+            if path == "oracle" and bwd_max and t > bwd_max:
+                modes = ("fwd",)
+                skipped.append({"level": level, "path": path, "T": t, "mode": "fwd_bwd",
+                                "reason": f"T > --oracle-bwd-max-length {bwd_max}"})
+            rows.extend(measure(path, t, args.repeats, mesh=mesh, level=level,
+                                modes=modes, **shape))
+    if mesh is None:
+        layout = "1 device"
+    elif level == "cms":
+        layout = f"{devices} devices (batch over {mesh.shape['data']})"
+    else:
+        layout = (f"{devices} devices (batch over {mesh.shape['data']}, heads over "
+                  f"{mesh.shape['tensor']})")
+    print(f"level {level}: {describe(level, shape)}, {jax.devices()[0].platform}, {layout}")
     print(f"dense 2048x2048 fp32 matmul (1 device): {dense:.1f} GFLOP/s"
           + (f", x {devices} devices for % dense" if reference != dense else ""))
     print(f"{'path':8s} {'T':>6s} {'mode':8s} {'ms':>10s} {'GFLOP/s':>8s} "
@@ -290,14 +593,17 @@ def main(argv: list[str]) -> int:
         speedup = f"{base / r['ms']:7.1f}x" if base else f"{'-':>8s}"
         print(f"{r['path']:8s} {r['T']:6d} {r['mode']:8s} {r['ms']:10.2f} "
               f"{r['gflops']:8.1f} {100 * r['gflops'] / reference:7.1f}% {speedup}")
+    for s in skipped:
+        print(f"{s['path']:8s} {s['T']:6d} {s['mode']:8s} skipped: {s['reason']}")
+    print_speedups(level, rows, args.lengths)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"dense_matmul_gflops": dense, "rows": rows,
-                       "shape": {"B": args.batch, "H": args.heads, "d": args.dim,
-                                 "C": args.chunk}, "devices": devices}, f, indent=2)
+            json.dump({"level": level, "dense_matmul_gflops": dense, "rows": rows,
+                       "skipped": skipped, "shape": json_shape(level, shape),
+                       "devices": devices}, f, indent=2)
     if args.trace:
-        record_trace(args.trace, args.lengths[0], mesh=mesh, **shape)
+        record_trace(args.trace, args.lengths[0], mesh=mesh, level=level, **shape)
         print(f"trace of the chunked path at T={args.lengths[0]} in {args.trace}")
     return 0
 

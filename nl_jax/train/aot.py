@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -62,29 +63,59 @@ def topology_devices(topology: str):
     return topo.devices
 
 
-def preflight(config, topology: str) -> dict[str, Any]:
+class TrainProgram(NamedTuple):
+    """A config's jitted train step on a mesh, as the trainer builds it, without data.
+
+    Attributes:
+      mesh: the config's mesh over the given devices.
+      abstract_params: the parameters' shapes (``nnx.State`` of ShapeDtypeStructs).
+      abstract_state: the train state's ShapeDtypeStructs, with their shardings.
+      batch_sharding: the sharding of a ``[batch, seq_len]`` token array.
+      step: ``jax.jit`` of ``make_train_step`` (levels, frozen mask, teach
+        signal), in/out shardings set, the state donated.
+      init: allocates the initial state on the mesh (None for an abstract
+        program, e.g. devices of a TPU topology description).
+    """
+
+    mesh: Any
+    abstract_params: Any
+    abstract_state: dict
+    batch_sharding: Any
+    step: Any
+    init: Callable[[], dict] | None
+
+
+def train_program(config, devices, allocate: bool = False) -> TrainProgram:
+    """The train step of ``config`` on ``devices`` (``config`` validated for them).
+
+    ``allocate``: also build ``init`` (and the model's non-parameter variables
+    on the devices); otherwise nothing is executed.
+    """
     from nl_jax import levels as levels_lib
     from nl_jax.train import teach as teach_lib
+    from nl_jax.train.checkpoint import abstract_with_shardings
     from nl_jax.train.mesh import batch_sharding, make_mesh, replicated
-    from nl_jax.train.state import abstract_model, train_state_shardings
+    from nl_jax.train.state import (
+        abstract_model,
+        prepare_train_state,
+        train_state_shardings,
+    )
     from nl_jax.train.step import make_train_step
 
-    devices = topology_devices(topology)
-    config_lib.validate(config, len(devices))
     mesh = make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding.rules)
     _, abstract_params = abstract_model(config.model, config.train.seed)
     optimizer = levels_lib.build_levels(config.levels, abstract_params,
                                         total_steps=config.train.steps,
                                         grad_clip_norm=float(config.train.grad_clip_norm))
-    model_def, abstract_state, shardings, _ = train_state_shardings(
-        config.model, optimizer, config.train.seed, mesh, rules)
-    from nl_jax.train.checkpoint import abstract_with_shardings
-    state = abstract_with_shardings(abstract_state, shardings)
+    init = None
+    if allocate:
+        model_def, abstract_state, shardings, init = prepare_train_state(
+            config.model, optimizer, config.train.seed, mesh, rules)
+    else:
+        model_def, abstract_state, shardings, _ = train_state_shardings(
+            config.model, optimizer, config.train.seed, mesh, rules)
     b_shard = batch_sharding(mesh, rules)
-    shape = (config.data.batch_size, config.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=b_shard)
-             for k in ("inputs", "targets")}
     frozen = levels_lib.frozen_mask(config.levels, abstract_params)
     loss = (teach_lib.make_teach_loss(model_def, config, abstract_params)
             if teach_lib.enabled(config) else None)
@@ -92,7 +123,26 @@ def preflight(config, topology: str) -> dict[str, Any]:
                                    frozen, loss=loss),
                    in_shardings=(shardings, b_shard),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    compiled = step.lower(state, batch).compile()
+    return TrainProgram(mesh, abstract_params, abstract_with_shardings(abstract_state, shardings),
+                        b_shard, step, init)
+
+
+def step_bytes(memory_analysis) -> int:
+    """Device memory of a compiled step: arguments + outputs + temporaries - the
+    aliased (donated) buffers, from its ``memory_analysis()``."""
+    m = memory_analysis
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def preflight(config, topology: str) -> dict[str, Any]:
+    devices = topology_devices(topology)
+    config_lib.validate(config, len(devices))
+    program = train_program(config, devices)
+    shape = (config.data.batch_size, config.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
+             for k in ("inputs", "targets")}
+    compiled = program.step.lower(program.abstract_state, batch).compile()
     mem = compiled.memory_analysis()
     kind = devices[0].device_kind
     hbm = usable_hbm_gib(devices[0], local=topology == "local")
@@ -100,13 +150,12 @@ def preflight(config, topology: str) -> dict[str, Any]:
     def gib(n_bytes):
         return n_bytes / 2**30
 
-    per_chip = gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
+    per_chip = gib(step_bytes(mem))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.abstract_params)))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     return {"topology": topology, "device_kind": kind, "chips": len(devices),
-            "mesh": dict(mesh.shape), "params": n_params,
+            "mesh": dict(program.mesh.shape), "params": n_params,
             "tokens_per_step": shape[0] * shape[1],
             "argument_gib": gib(mem.argument_size_in_bytes),
             "temp_gib": gib(mem.temp_size_in_bytes),
