@@ -69,13 +69,23 @@ def test_chunked_matches_oracle_with_grad_clip(kind):
     assert np.abs(np.asarray(clipped - free)).max() > 0.1     # the clip is active
 
 
+@pytest.mark.parametrize("momentum,depth,objective,grad_clip", [
+    (False, 2, "l2", 0.0), (True, 3, "huber", 1.5)])
+def test_chunked_mlp_matches_oracle_without_momentum_and_deeper(momentum, depth, objective,
+                                                                grad_clip):
+    """The MLP chunk step's state layouts without momentum (W alone) and with a
+    middle layer (neither the first nor the last), with DGD and clipping."""
+    _check_chunked_against_oracle("mlp", objective, momentum, True, True, (4,), T,
+                                  grad_clip=grad_clip, mlp_depth=depth)
+
+
 def _check_chunked_against_oracle(kind, objective, momentum, decay, dgd, chunks, t,
-                                  grad_clip=0.0, remat_every=3):
+                                  grad_clip=0.0, remat_every=3, **spec_fields):
     inputs = random_inputs(0, B, t, H, D, D)
     for chunk in chunks:
         spec = MemorySpec(kind=kind, objective=objective, momentum=momentum,
                           weight_decay=decay, dgd=dgd, chunk_size=chunk, path="oracle",
-                          grad_clip=grad_clip)
+                          grad_clip=grad_clip, **spec_fields)
         params = perturbed(init_memory_params(spec, jax.random.PRNGKey(1), H, D, D), 2)
         y_o, s_o, g_o = _loss_and_grads(spec, params, inputs)
         chunked = dataclasses.replace(spec, path="chunked", remat_every=remat_every)

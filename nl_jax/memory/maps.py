@@ -6,8 +6,8 @@ M(x) = x + W_{L-1} act(... act(W_0 x)), hidden width d * mlp_expansion, act = Si
 
 Every layer's gradient for one token is rank one, (output gradient) x (layer
 input)^T, and so is the DGD preconditioner term W_l x x^T (NL Eq. 57).  The
-chunked path uses this: ``layer_directions`` returns, per layer, the inputs X
-and the "errors" E (output gradient, plus W_l x for DGD) of a block of keys, so
+chunked path (``chunked.py``) uses this: it forms, per layer, the inputs X and
+the "errors" E (output gradient, plus W_l x for DGD) of a chunk of keys, so
 that the per-token step is E_j X_j^T.
 """
 
@@ -60,7 +60,8 @@ def init_weights(spec: MemorySpec, key: jax.Array, num_heads: int, d_k: int,
             for i, (kk, (o, n)) in enumerate(zip(keys, shapes, strict=True))}
 
 
-def _act(x: jax.Array) -> jax.Array:
+def act(x: jax.Array) -> jax.Array:
+    """The MLP memory's hidden activation, SiLU."""
     return jax.nn.silu(x)
 
 
@@ -70,23 +71,16 @@ def _dot_t(x: jax.Array, w: jax.Array) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def forward(spec: MemorySpec, weights: Weights, x: jax.Array,
-            eps: Sequence[jax.Array] | None = None):
-    """M(x) for x ``[..., d_k]``; returns (pred, layer inputs, layer linear outputs).
-
-    ``eps`` (optional, one per layer) is added to each layer's linear output so
-    that the gradient w.r.t. it is the layer's output gradient.
-    """
+def forward(spec: MemorySpec, weights: Weights, x: jax.Array):
+    """M(x) for x ``[..., d_k]``; returns (pred, layer inputs, layer linear outputs)."""
     z = x
     inputs, linear_outs = [], []
     n = len(weights)
     for i, w in enumerate(weights):
         inputs.append(z)
         lin = _dot_t(z, w)
-        if eps is not None:
-            lin = lin + eps[i]
         linear_outs.append(lin)
-        z = _act(lin) if i < n - 1 else lin
+        z = act(lin) if i < n - 1 else lin
     pred = x + z if spec.kind == "mlp" else z
     return pred, inputs, linear_outs
 
@@ -131,67 +125,6 @@ def dgd_direction(spec: MemorySpec, weights: Weights, key: jax.Array) -> Weights
     _, inputs, _ = forward(spec, weights, key)
     return jax.grad(lambda ws: 0.5 * sum(jnp.sum(jnp.square(_dot_t(x, w)))
                                          for x, w in zip(inputs, ws, strict=True)))(tuple(weights))
-
-
-def layer_directions(spec: MemorySpec, weights: Weights, keys: jax.Array,
-                     values: jax.Array, valid: jax.Array | None = None):
-    """Per layer, inputs X ``[C, in]`` and errors E ``[C, out]`` of a block of keys.
-
-    The step direction of token j for layer l is E_l[j] X_l[j]^T: the gradient
-    of l(M; k_j, v_j) (plus the DGD term if ``spec.dgd``), all at ``weights``,
-    clipped to norm ``spec.grad_clip`` if that is > 0.
-    """
-    n = keys.shape[0]
-    zeros = [jnp.zeros((n, w.shape[0]), jnp.float32) for w in weights]
-
-    def loss(eps):
-        pred, inputs, linear_outs = forward(spec, weights, keys, eps)
-        return objective_loss(spec.objective, pred, values), (inputs, linear_outs)
-
-    errors, (inputs, linear_outs) = jax.grad(loss, has_aux=True)(zeros)
-    if spec.dgd:
-        errors = [e + lo for e, lo in zip(errors, linear_outs, strict=True)]
-    errors = [clip_errors(e, jnp.sum(x * x, -1), spec.grad_clip)
-              for e, x in zip(errors, inputs, strict=True)]
-    return list(inputs), list(errors)
-
-
-def dual_form_outputs(spec: MemorySpec, weights: Weights, momentum: Weights,
-                      inputs: Sequence[jax.Array], errors: Sequence[jax.Array],
-                      queries: jax.Array, beta: jax.Array, f: jax.Array,
-                      gate: jax.Array, use_momentum: bool) -> jax.Array:
-    """y_i = M_i(q_i) for every token of a chunk without per-token weights.
-
-    Layer l of M_i is beta_i W_l + f_i S_l - sum_j G[i, j] E_l[j] X_l[j]^T
-    (Titans Eq. 16-18 generalised layer by layer, the TTT dual form), so its
-    output on z_i is beta_i W_l z_i + f_i S_l z_i - ((Z X_l^T) * G) E_l.  The
-    three products with z share one matmul (z against [X_l; W_l; S_l]).
-    """
-    z = queries
-    n = len(weights)
-    out = None
-    c = queries.shape[0]
-    for i, (w, x, e) in enumerate(zip(weights, inputs, errors, strict=True)):
-        d_out = w.shape[0]
-        stacked = [x, w, momentum[i]] if use_momentum else [x, w]
-        proj = _dot_t(z, jnp.concatenate(stacked, axis=0))
-        scores = proj[:, :c] * gate
-        out = beta[:, None] * proj[:, c:c + d_out] - jax.lax.dot_general(
-            scores, e, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        if use_momentum:
-            out = out + f[:, None] * proj[:, c + d_out:]
-        z = _act(out) if i < n - 1 else out
-    return queries + out if spec.kind == "mlp" else out
-
-
-def rank_one_sums(errors: jax.Array, inputs: jax.Array,
-                  token_weights: Sequence[jax.Array]) -> list[jax.Array]:
-    """[sum_j a_j E[j] X[j]^T for a in token_weights], each ``[out, in]``, one matmul."""
-    stacked = jnp.concatenate([errors * a[:, None] for a in token_weights], axis=1)
-    total = jax.lax.dot_general(stacked, inputs, (((0,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32)
-    d_out = errors.shape[1]
-    return [total[i * d_out:(i + 1) * d_out] for i in range(len(token_weights))]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
