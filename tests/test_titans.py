@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from nl_jax.errors import ConfigError
+from nl_jax.memory.maps import l2_normalize
 from nl_jax.models import titans
 from nl_jax.models.attention import causal_attention
-from nl_jax.models.layers import l2_normalize, rope
+from nl_jax.models.layers import rope
 from nl_jax.models.lm import LanguageModel
 
 VARIANTS = ["NeuralMemoryMixer", "MemoryAsGate", "MemoryAsContext", "MemoryAsLayer"]

@@ -22,7 +22,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-
 # --------------------------------------------------------------------------
 # Aligned layout: [B, T, H, ...] with a per-input padding fill.
 # --------------------------------------------------------------------------

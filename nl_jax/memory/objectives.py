@@ -41,8 +41,7 @@ def objective_error(objective: str, pred: jax.Array, value: jax.Array,
     ``l2``: 2 l2_scale (M(k) - v); ``dot``: -v; ``huber``: clip(M(k) - v, -1, 1).
     """
     if objective == "l2":
-        r = pred - value
-        return r if l2_scale == 0.5 else (2.0 * l2_scale) * r
+        return (2.0 * l2_scale) * (pred - value)
     if objective == "dot":
         return -value
     if objective == "huber":

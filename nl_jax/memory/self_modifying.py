@@ -300,19 +300,22 @@ class SelfModifyingSpec:
       plain_vectors, plain_gates: the boxes given by plain projections.
       chunk: C of the adaptive memories; memory_chunk: C of the main memory.
       path: ``"chunked"`` (WY form, chunk scan) or ``"oracle"`` (per-token scan).
+
+    Built from ``model.self_modifying`` by ``models.self_modifying.spec_from_options``,
+    where the defaults live.
     """
 
-    kind: str = "mlp"
-    objective: str = "l2"
-    dgd: bool = True
-    momentum: bool = True
-    decay: bool = True
-    lr: float = 1.0
-    grad_clip: float = 0.25
-    adaptive: tuple[str, ...] = ("k", "v", "eta", "alpha")
-    chunk: int = 32
-    memory_chunk: int = 16
-    path: str = "chunked"
+    kind: str
+    objective: str
+    dgd: bool
+    momentum: bool
+    decay: bool
+    lr: float
+    grad_clip: float
+    adaptive: tuple[str, ...]
+    chunk: int
+    memory_chunk: int
+    path: str
 
     @property
     def plain_vectors(self) -> tuple[str, ...]:

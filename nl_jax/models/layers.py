@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.memory.maps import l2_normalize  # noqa: F401  (re-exported for the mixers)
 from nl_jax.sharding import constrain
 
 Initializer = Callable[..., jax.Array]

@@ -55,7 +55,8 @@ from nl_jax.memory import (
     initial_state,
     maps,
 )
-from nl_jax.models.layers import CausalConv, Dense, RMSNorm, l2_normalize, param, rope
+from nl_jax.memory.maps import l2_normalize
+from nl_jax.models.layers import CausalConv, Dense, RMSNorm, param, rope
 from nl_jax.sharding import constrain, gather_memory_state, memory_state_axes
 
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(MemorySpec))

@@ -45,8 +45,8 @@ from flax import nnx
 from nl_jax import config as config_lib
 from nl_jax import levels as levels_lib
 from nl_jax.errors import ConfigError
-from nl_jax.models import lm as lm_lib
 from nl_jax.memory.cms import bounded_update
+from nl_jax.models import lm as lm_lib
 from nl_jax.sharding import per_example_rules
 from nl_jax.train.step import cross_entropy
 
