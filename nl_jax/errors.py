@@ -24,3 +24,11 @@ class CheckpointError(UserError):
 
 class CheckpointStructureError(CheckpointError):
     """A checkpoint's train state has another tree structure than the config builds."""
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint's files cannot be read or do not match its recorded checksums."""
+
+
+class WorkdirError(UserError):
+    """The workdir cannot be used: held by another run, unwritable, full or gone."""

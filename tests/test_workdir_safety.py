@@ -147,8 +147,12 @@ def test_unreadable_checkpoint_is_a_clear_error(trained, capsys, tmp_path):
                   "--workdir", str(copy)]):
         code, _, err = run(capsys, *argv)
         assert code == 2, err
+        assert "no checkpoint in" in err and "verifies" in err
         assert "cannot read the state of checkpoint step 3" in err
         assert "Traceback" not in err and err.count("\n") == 1
+    # No good checkpoint to fall back to: nothing is moved, nothing starts afresh.
+    assert os.listdir(copy / "checkpoints") == ["3"]
+    assert not (copy / "damaged_checkpoints").exists()
 
 
 def write_config(tmp_path, body):

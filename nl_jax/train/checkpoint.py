@@ -1,23 +1,47 @@
 """Orbax checkpoints: train state, data iterator state and resolved config.
 
-Layout: ``WORKDIR/checkpoints/<step>/{state,data,config}``.  Saves are async
-(``CheckpointManager``), the last ``keep`` are kept.  A workdir that holds a
-checkpoint resumes from its latest step; resuming with a config whose model,
-levels or data pipeline differ is refused with a message naming the keys
-(learning rates, schedules, ``model.remat`` and ``model.dtype`` may change).
+Layout: ``WORKDIR/checkpoints/<step>/{state,data,config,integrity}``.  Saves
+are async (``CheckpointManager``), the last ``keep`` are kept.  A workdir that
+holds a checkpoint resumes from its latest step; resuming with a config whose
+model, levels or data pipeline differ is refused with a message naming the
+keys (learning rates, schedules, ``model.remat`` and ``model.dtype`` may
+change).
+
+Integrity: ``integrity`` records sharding-independent checksums of every
+array and of the JSON items (``train/integrity.py``), verified on every
+restore.  A checkpoint that cannot be read or does not verify raises
+``CheckpointDamagedError``; callers fall back to the next older one, and
+``train`` moves the damaged ones to ``WORKDIR/damaged_checkpoints/`` (never
+deleted; checkpoint rotation does not see them).
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from nl_jax.errors import CheckpointError, CheckpointStructureError
+from nl_jax.errors import (
+    CheckpointDamagedError,
+    CheckpointError,
+    CheckpointStructureError,
+    WorkdirError,
+)
+from nl_jax.train import integrity
+
+log = logging.getLogger("nl_jax")
+
+DAMAGED_DIR = "damaged_checkpoints"
+# Free space asked for beyond a checkpoint's array bytes (metadata, JSON items).
+SAVE_MARGIN_BYTES = 64 * 2**20
 
 # Config groups whose change makes a checkpoint unusable for training (shapes,
 # optimizer state structure, token stream).  Other keys (steps, logging) may change.
@@ -64,20 +88,54 @@ def config_differences(saved: dict, current: dict, prefix: str = "",
     return out
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (orbax and tensorstore wrap them), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        text = str(e)
+        for code, needle in ((errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only file"),
+                             (errno.EACCES, "Permission denied"),
+                             (errno.EDQUOT, "quota exceeded")):
+            if needle in text:
+                return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def tree_bytes(tree: Any) -> int:
+    """Global bytes of the arrays of ``tree`` (what a checkpoint of it writes)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+               if hasattr(x, "dtype"))
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, config_dict: dict, create: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.damaged_directory = os.path.join(self.workdir, DAMAGED_DIR)
         self.config = _normalise(config_dict)
         if not create and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint in {self.directory} (a workdir made by "
                                   f"`python -m nl_jax train`)")
+        self._keep, self._create = keep, create
+        self.manager = self._new_manager()
+
+    def _new_manager(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=create, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config"))
+            max_to_keep=self._keep, create=self._create, enable_async_checkpointing=True)
+        return ocp.CheckpointManager(
+            self.directory, options=options,
+            item_names=("state", "data", "config", "integrity"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Every step orbax lists (complete or not), newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
 
     def finished_steps(self) -> list[int]:
         """Steps whose checkpoint is complete on disk (orbax writes into a temporary
@@ -86,17 +144,96 @@ class Checkpointer:
             return []
         return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
 
+    def damaged_steps(self) -> list[str]:
+        """Folders moved aside by ``move_aside`` (never deleted)."""
+        if not os.path.isdir(self.damaged_directory):
+            return []
+        return sorted(os.listdir(self.damaged_directory))
+
+    # -- writing ---------------------------------------------------------------
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+        """Starts an async save of ``step`` with its integrity record.
+
+        Refuses (``WorkdirError``) when the file system cannot hold it, before
+        anything is written; a write error of an earlier async save surfaces
+        here as a ``WorkdirError`` too.  The checkpoints folder is re-created
+        (with a warning) if it vanished.
+        """
+        if not os.path.isdir(self.workdir):
+            raise WorkdirError(f"the workdir {self.workdir} vanished during the run (deleted "
+                               f"or unmounted); step {step} was not saved. Restore the "
+                               f"folder or start again with a new --workdir")
+        if not os.path.isdir(self.directory):
+            log.warning("warning: %s vanished during the run; re-creating it (the "
+                        "checkpoints it held are gone)", self.directory)
+            with self.guard(f"re-creating {self.directory}"):
+                self.manager.wait_until_finished()
+                os.makedirs(self.directory, exist_ok=True)
+                self.manager.reload()
         if self.manager.latest_step() == step:
             return False
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(self.config)), force=force)
+        needed = tree_bytes(state) + SAVE_MARGIN_BYTES
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            good = self.latest_step()
+            raise WorkdirError(
+                f"not enough free space for the checkpoint of step {step} in "
+                f"{self.directory}: it needs about {needed / 2**20:.0f} MiB, "
+                f"{free / 2**20:.0f} MiB are free. Free some space and run the same "
+                f"command again to resume from "
+                f"{'step ' + str(good) if good is not None else 'the start'}")
+        record = integrity.record(state, data_state, self.config)
+        with self.guard(f"saving step {step}"):
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(self.config),
+                integrity=ocp.args.JsonSave(record)), force=force)
 
+    def guard(self, what: str):
+        """Context: a file-system error (full disk, read-only or vanished folder)
+        inside becomes one ``WorkdirError`` line naming the folder."""
+        checkpointer = self
+
+        class _Guard:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, kind, e, tb):
+                if e is None or isinstance(e, (KeyboardInterrupt, CheckpointError)):
+                    return False
+                os_error = _os_error(e)
+                if os_error is None:
+                    return False
+                good = checkpointer.finished_steps()
+                raise WorkdirError(
+                    f"{what} in {checkpointer.directory} failed: "
+                    f"{os_error.strerror or os_error}. The last complete checkpoint is "
+                    f"{'step ' + str(max(good)) if good else 'none'}; fix the file system "
+                    f"(space, permissions) and run the same command again") from None
+
+        return _Guard()
+
+    def move_aside(self, step: int, reason: str) -> str:
+        """Moves a damaged step folder to ``WORKDIR/damaged_checkpoints/`` (with a
+        REASON.txt); returns its new path.  Nothing is deleted."""
+        os.makedirs(self.damaged_directory, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = os.path.join(self.damaged_directory, f"{step}-{stamp}")
+        suffix = 0
+        while os.path.exists(target + (f"-{suffix}" if suffix else "")):
+            suffix += 1
+        target += f"-{suffix}" if suffix else ""
+        os.rename(os.path.join(self.directory, str(step)), target)
+        with open(os.path.join(target, "REASON.txt"), "w", encoding="utf-8") as f:
+            f.write(f"moved aside by nl_jax train at {stamp}: {reason}\n")
+        self.manager.reload()
+        return target
+
+    # -- reading ---------------------------------------------------------------
     def _read(self, step: int, what: str, **items):
         """``manager.restore`` of some items; an unreadable checkpoint (missing or
-        truncated files) is a CheckpointError that names the step's folder."""
+        truncated files) is a CheckpointDamagedError that names the step's folder."""
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except (KeyboardInterrupt, CheckpointError):
@@ -110,10 +247,28 @@ class Checkpointer:
                     f"tree differs from the one this config builds (other optimizer "
                     f"levels, or written by another nl_jax version). Use the config it was "
                     f"made with, or a new --workdir") from None
-            raise CheckpointError(
-                f"cannot read the {what} of checkpoint step {step} ({folder}): {first}. "
-                f"Move that folder away to use the previous checkpoint, or use a new "
-                f"--workdir") from None
+            raise CheckpointDamagedError(
+                f"cannot read the {what} of checkpoint step {step} ({folder}): "
+                f"{first}") from None
+
+    def _integrity_record(self, step: int) -> dict | None:
+        """The step's integrity record; None for checkpoints written before nl_jax
+        recorded one."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "integrity")):
+            return None
+        return self._read(step, "integrity record",
+                          integrity=ocp.args.JsonRestore())["integrity"]
+
+    def _verify(self, step: int, state: Any, data_state: dict | None = None) -> None:
+        record = self._integrity_record(step)
+        if record is None:
+            return
+        bad = integrity.mismatches(record, state, data_state)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise CheckpointDamagedError(
+                f"checkpoint step {step} ({os.path.join(self.directory, str(step))}) "
+                f"does not match its recorded checksums: {'; '.join(bad[:3])}{more}")
 
     def check_compatible(self, step: int, keys=RESUME_KEYS,
                          action: str = "resume from") -> dict:
@@ -121,6 +276,11 @@ class Checkpointer:
         (``action``: what was refused, e.g. "resume from", "eval"); returns the
         checkpoint's config."""
         saved = self._read(step, "config", config=ocp.args.JsonRestore())["config"]
+        record = self._integrity_record(step)
+        if record is not None and record.get("config") != integrity.json_checksum(saved):
+            raise CheckpointDamagedError(
+                f"checkpoint step {step} ({os.path.join(self.directory, str(step))}) "
+                f"does not match its recorded checksums: the config")
         diffs = self._differences(saved, keys, skip=CHANGEABLE)
         if diffs:
             raise CheckpointError(
@@ -142,25 +302,32 @@ class Checkpointer:
             lookup(saved, key), lookup(self.config, key), key + ".", skip)]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """The whole train state and the data iterator state (to resume training)."""
+        """The whole train state and the data iterator state (to resume training),
+        verified against the step's integrity record."""
         restored = self._read(step, "state", state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
+        self._verify(step, restored["state"], restored["data"])
         return restored["state"], restored["data"]
 
     def restore_params(self, step: int, abstract_state: Any) -> Any:
         """``{"step", "params"}`` of a checkpoint (``abstract_state`` holds those two
-        keys): the optimizer state is never read, so evaluating or sampling a model
-        needs memory for its weights alone, whatever optimizer trained it."""
+        keys), verified: the optimizer state is never read, so evaluating or
+        sampling a model needs memory for its weights alone, whatever optimizer
+        trained it."""
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-        return self._read(step, "state", state=ocp.args.PyTreeRestore(
+        state = self._read(step, "state", state=ocp.args.PyTreeRestore(
             abstract_state, restore_args=restore_args, partial_restore=True))["state"]
+        self._verify(step, state)
+        return state
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self.guard("writing a checkpoint"):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self.guard("writing a checkpoint"):
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:

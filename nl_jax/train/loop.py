@@ -15,11 +15,17 @@ import jax
 import numpy as np
 
 from nl_jax import config as config_lib
-from nl_jax.errors import CheckpointStructureError, ConfigError
+from nl_jax.errors import (
+    CheckpointDamagedError,
+    CheckpointError,
+    CheckpointStructureError,
+    ConfigError,
+)
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
 from nl_jax.train import teach as teach_lib
 from nl_jax.train.distributed import agreed_max, is_primary
+from nl_jax.train.lock import RunLock
 from nl_jax.train.mesh import batch_sharding, check_process_rows, make_mesh, replicated
 from nl_jax.train.state import abstract_model, count_params, prepare_train_state
 from nl_jax.train.step import make_eval_step, make_train_step
@@ -36,11 +42,13 @@ class Trainer:
     ``purpose``: ``"train"`` builds the training data stream and restores it
     with the state; ``"eval"`` and ``"generate"`` read a trained workdir and
     touch neither the training data nor the workdir's files (eval builds only
-    the held-out batches, generate no data at all).
+    the held-out batches, generate no data at all).  ``lock``: take the
+    workdir's writer lock (``train`` does; see ``train/lock.py``).
+    ``fresh_start``: see ``maybe_restore``.
     """
 
     def __init__(self, config, workdir: str, *, devices=None, write_metrics: bool = True,
-                 purpose: str = "train"):
+                 purpose: str = "train", fresh_start: bool = False, lock: bool = False):
         from nl_jax import levels as levels_lib
         from nl_jax.data.pipeline import build_eval_batches, build_train_iterator
         from nl_jax.data.tokenizer import load_tokenizer
@@ -48,6 +56,7 @@ class Trainer:
         if purpose not in PURPOSES:
             raise ValueError(f"Trainer purpose {purpose!r}; one of {PURPOSES}")
         self.purpose = purpose
+        self.fresh_start = fresh_start
         self.devices = devices if devices is not None else jax.devices()
         config_lib.validate(config, len(self.devices), jax.process_count())
         if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -109,14 +118,29 @@ class Trainer:
             train_hashes=self.data.file_hashes if self.data else None)
             if config.train.eval_batches and purpose != "generate" else [])
         # Nothing is written to the workdir before here: a config or data mistake
-        # leaves no empty folder behind.
-        self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,
-                                                  config.to_dict(),
-                                                  create=purpose == "train")
+        # leaves no empty folder behind.  A training run (``lock``) holds the
+        # workdir's writer lock (process 0, for all processes) until ``close``.
+        self.lock = None
+        if lock and purpose == "train" and is_primary():
+            self.lock = RunLock(workdir)
+            self.lock.acquire()
+        try:
+            self.checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints,
+                                                      config.to_dict(),
+                                                      create=purpose == "train")
+        except BaseException:
+            self.close()
+            raise
         self.writer = metrics_lib.MetricsWriter(
             workdir, enabled=write_metrics and is_primary() and purpose == "train")
         self.resumed_from = None
         self.saved_config = None     # the checkpoint's config, once restored
+
+    def close(self) -> None:
+        """Releases the workdir's writer lock (train); safe to call twice."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- pieces -----------------------------------------------------------------
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -124,14 +148,70 @@ class Trainer:
                 for k, v in batch.items()}
 
     def maybe_restore(self) -> int:
-        """Restores the latest checkpoint into ``self.state`` (0 and a freshly
-        initialised state if there is none); the metrics log is cut back to that
-        step (a run killed after it logged later steps)."""
-        step = self.checkpointer.latest_step()
-        if step is None:
+        """Restores the newest checkpoint that reads and verifies into
+        ``self.state`` (0 and a freshly initialised state if there is none); the
+        metrics log is cut back to that step (a run killed after it logged later
+        steps).
+
+        Damaged checkpoints (unreadable, or not matching their checksums) are
+        skipped with a notice; ``train`` moves them to
+        ``WORKDIR/damaged_checkpoints/``, eval and generate leave them in place.
+        When none verifies, or when only damaged ones remain from an earlier
+        attempt, nothing starts from scratch unless ``fresh_start``.
+        """
+        steps = self.checkpointer.steps()
+        if not steps:
+            moved = self.checkpointer.damaged_steps() if self.purpose == "train" else []
+            if moved and not self.fresh_start:
+                raise CheckpointError(
+                    f"{self.workdir} holds no usable checkpoint, only damaged ones moved "
+                    f"to {self.checkpointer.damaged_directory} ({', '.join(moved)}); "
+                    f"pass --fresh_start to train from scratch in this workdir anyway")
             self.state = self._init_state()
             self.writer.truncate(0)
             return 0
+        damaged = []
+        for step in steps:
+            try:
+                restored = self._restore(step)
+            except CheckpointDamagedError as e:
+                damaged.append((step, str(e)))
+                continue
+            if is_primary():
+                for bad, reason in damaged:
+                    print(f"warning: skipped the damaged checkpoint of step {bad}: {reason}; "
+                          f"using step {step}", file=sys.stderr)
+            self._set_aside(damaged)
+            return restored
+        listing = "; ".join(reason for _, reason in damaged)
+        if self.purpose == "train" and self.fresh_start:
+            self._set_aside(damaged)
+            self.state = self._init_state()
+            self.writer.truncate(0)
+            return 0
+        raise CheckpointError(
+            f"no checkpoint in {self.checkpointer.directory} verifies: {listing}. "
+            + ("Move them away (or pass --fresh_start, which moves them to "
+               f"{self.checkpointer.damaged_directory}) to train from scratch"
+               if self.purpose == "train" else "Train again to write a good one"))
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        """train: moves damaged checkpoints aside (process 0; the others wait), so
+        that a scheduler's rerun resumes at once and rotation never sees them."""
+        if self.purpose != "train" or not damaged:
+            return
+        if is_primary():
+            for step, reason in damaged:
+                target = self.checkpointer.move_aside(step, reason)
+                print(f"moved the damaged checkpoint of step {step} to {target}",
+                      file=sys.stderr)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("nl_jax: damaged checkpoints moved")
+            self.checkpointer.manager.reload()
+
+    def _restore(self, step: int) -> int:
+        """Restores ``step`` (raises CheckpointDamagedError if it does not verify)."""
         if self.purpose != "train":
             # eval and generate: the weights alone, the optimizer state is never read
             self.saved_config = self.checkpointer.check_compatible(
@@ -209,22 +289,106 @@ def all_finite(metrics: dict) -> bool:
     return all(np.isfinite(metrics[k]) for k in FINITE_KEYS if k in metrics)
 
 
-def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
-    """Runs (or resumes) a training job; returns the final metrics."""
+class StopSignals:
+    """Ctrl-C / SIGTERM handling for the whole of ``train``, installed first thing
+    (a signal during startup is never swallowed by a library callback).
+
+    First signal: ``stop`` is set (with several processes only the signal is
+    noted; the stop is agreed at the next logging step, so all save the same
+    step).  Second signal: during startup (nothing trained yet) the process
+    exits at once with 128 + signal; later it raises KeyboardInterrupt, which
+    the loop turns into "exit without saving" and the final save into "let the
+    writes under way finish".
+    """
+
+    def __init__(self, multi_process: bool):
+        self.signal = 0
+        self.agreed = 0
+        self.stop = False
+        self.phase = "startup"
+        self.multi_process = multi_process
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal:
+            if self.phase == "startup":
+                print(f"interrupted twice during startup ({signal.Signals(signum).name}): "
+                      f"exiting; nothing was trained or written", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.phase == "final save":
+            print("interrupted: finishing the final checkpoint first (again to skip)",
+                  file=sys.stderr, flush=True)
+        if not self.multi_process:
+            self.stop = True
+
+
+def train(config, workdir: str, *, devices=None, fresh_start: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) a training job; returns the final metrics.
+
+    ``fresh_start``: train from scratch although the workdir holds only
+    damaged checkpoints (they are moved aside, never deleted).
+    """
     t_start = time.perf_counter()
-    trainer = Trainer(config, workdir, devices=devices)
+    stop = StopSignals(multi_process=jax.process_count() > 1)
+    stop.install()
+    trainer = None
+    try:
+        trainer = Trainer(config, workdir, devices=devices, fresh_start=fresh_start,
+                          lock=True)
+        return _train(trainer, config, workdir, stop, t_start)
+    except KeyboardInterrupt:
+        if stop.phase != "startup":
+            raise
+        print("interrupted during startup: nothing was trained or written",
+              file=sys.stderr)
+        return {"interrupted": True, "step": 0, "signal": stop.signal or signal.SIGINT}
+    finally:
+        stop.restore()
+        if trainer is not None:
+            trainer.close()
+
+
+def _outputs_complete(workdir: str) -> bool:
+    """Whether a finished run wrote its end-of-run outputs (``final_metrics.json``
+    is written last, atomically)."""
+    return os.path.exists(os.path.join(workdir, "final_metrics.json"))
+
+
+def _train(trainer: Trainer, config, workdir: str, stop: StopSignals,
+           t_start: float) -> dict[str, Any]:
     cfg = config.train
     start = trainer.maybe_restore()
     primary = is_primary()     # process 0 prints and writes the workdir's files
     say = print if primary else (lambda *args, **kwargs: None)
     if start >= cfg.steps:
-        # A finished run: nothing to do, and nothing already written is touched.
         trainer.checkpointer.close()
         results = os.path.join(workdir, "final_metrics.json")
-        say(f"nothing to do: {workdir} holds a checkpoint at step {start} and "
-            f"train.steps={cfg.steps}; raise --config.train.steps to train further"
-            + (f" (its results are in {results})" if os.path.exists(results) else ""))
-        return {"step": start, "already_done": True}
+        if _outputs_complete(workdir):
+            # A finished run: nothing to do, and nothing already written is touched.
+            say(f"nothing to do: {workdir} holds a checkpoint at step {start} and "
+                f"train.steps={cfg.steps}; raise --config.train.steps to train further "
+                f"(its results are in {results})")
+            return {"step": start, "already_done": True}
+        # Stopped between its last checkpoint and its end-of-run outputs.
+        say(f"finishing the run: {workdir} holds the checkpoint of step {start} but not "
+            f"its end-of-run outputs; writing them")
+        stop.phase = "finish"
+        logged = trainer.writer.first("train")
+        last = trainer.writer.last("train")
+        return _finish(trainer, config, workdir, start,
+                       logged.get("loss") if logged else None, last, t_start)
     processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
         f"{trainer.num_params:,} parameters, mesh {dict(trainer.mesh.shape)}{processes}, "
@@ -247,29 +411,16 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         if changed:
             say(f"  with changed settings: {'; '.join(changed)}")
     if primary:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        _write_json_atomically(os.path.join(workdir, "config.json"), config.to_dict(),
+                               default=str)
     trainer.compile()
 
     # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit; a second
-    # signal exits at once without saving.  With several processes the stop (and
-    # the signal reported) is agreed at the next logging step, so all save the
-    # same step.  These handlers replace the SIGTERM handler of JAX's preemption
-    # service, so orbax's own preemption checks stay off: the loop alone decides.
-    interrupted = {"signal": 0, "agreed": 0, "stop": False}
-    multi_process = jax.process_count() > 1
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def on_stop_signal(signum, frame):
-        if interrupted["signal"]:
-            raise KeyboardInterrupt
-        interrupted["signal"] = signum
-        if not multi_process:       # several processes: only an agreed stop counts
-            interrupted["stop"] = True
-
-    for sig in previous:
-        signal.signal(sig, on_stop_signal)
+    # signal exits at once without saving (``StopSignals``).  These handlers
+    # replace the SIGTERM handler of JAX's preemption service, so orbax's own
+    # preemption checks stay off: the loop alone decides.
+    stop.phase = "loop"
+    multi_process = stop.multi_process
     progress = metrics_lib.Progress(cfg.steps, start, cfg.log_every, enabled=primary)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     last = diverged = unchecked = None
@@ -277,9 +428,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     first_loss = logged.get("loss") if logged else None
     timer, window_steps = metrics_lib.Timer(), 0
     aborted = False
+    step = start
     try:
-        step = start
-        while step < cfg.steps and not interrupted["stop"]:
+        while step < cfg.steps and not stop.stop:
             batch = trainer.device_batch(next(trainer.data))
             trainer.state, metrics = trainer.train_step(trainer.state, batch)
             step += 1
@@ -289,9 +440,9 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                        or checkpoint_due)  # a checkpoint is only written after a finite loss
             if multi_process and log_now:
                 # (a signal may land during the collective: never overwrite the local one)
-                agreed = agreed_max(interrupted["signal"])
+                agreed = agreed_max(stop.signal)
                 if agreed:
-                    interrupted.update(stop=True, agreed=agreed)
+                    stop.stop, stop.agreed = True, agreed
             if log_now:
                 m = metrics_lib.to_python(jax.device_get(metrics))
                 dt = timer.lap()
@@ -315,7 +466,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
             else:
                 unchecked = (step, metrics)   # checked before any save that follows
                 progress.update(step, None)
-            stopping = interrupted["stop"]     # no eval or periodic save: save and go
+            stopping = stop.stop     # no eval or periodic save: save and go
             evaluating = (cfg.eval_every and trainer.eval_batches and step % cfg.eval_every == 0
                           and step < cfg.steps and not stopping)
             if evaluating or (checkpoint_due and not stopping):
@@ -334,8 +485,6 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
     except KeyboardInterrupt:   # a second signal: the state may be mid-step, no save
         aborted = True
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         progress.close()
     # Stopped by a signal after an unlogged step: check it before the final save.
     if (diverged is None and not aborted and unchecked is not None
@@ -355,17 +504,29 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         return {"diverged": True, "step": diverged}
     if aborted:
         if not multi_process:    # the others may be stuck in a collective: no wait
-            trainer.checkpointer.close()
+            with contextlib.suppress(KeyboardInterrupt):
+                trainer.checkpointer.close()
         trainer.writer.close()
         good = trainer.checkpointer.latest_step()
         say(f"interrupted twice: exiting without saving; last checkpoint: "
             f"{'step ' + str(good) if good is not None else 'none'}", file=sys.stderr)
-        return {"interrupted": True, "step": step, "signal": interrupted["signal"]}
+        return {"interrupted": True, "step": step, "signal": stop.signal}
     step = int(trainer.state["step"])
+    if stop.stop and step == start:
+        # Stopped before the first step: the state is the checkpoint's (or a fresh
+        # initialisation), so there is nothing new to save.
+        trainer.checkpointer.close()
+        trainer.writer.close()
+        signum = stop.agreed or stop.signal
+        say(f"interrupted ({signal.Signals(signum).name}) before the first step: nothing "
+            f"to save" + (f"; last checkpoint: step {start}" if start else ""),
+            file=sys.stderr)
+        return {"interrupted": True, "step": step, "signal": signum}
+    stop.phase = "final save"
     try:
         trainer.save(force=True)
         trainer.checkpointer.close()
-    except KeyboardInterrupt:   # Ctrl-C while the final checkpoint is written
+    except KeyboardInterrupt:   # a second signal while the final checkpoint is written
         say("interrupted during the final save: finishing the checkpoint writes "
             "already under way (Ctrl-C again to skip)", file=sys.stderr)
         with contextlib.suppress(KeyboardInterrupt):
@@ -376,17 +537,36 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                  f"{'step ' + str(max(done)) if done else 'none'}")
         say(f"interrupted at the end of the run: {saved}", file=sys.stderr)
         trainer.writer.close()
-        return {"interrupted": True, "step": step, "signal": signal.SIGINT}
-    if interrupted["stop"]:
-        signum = interrupted["agreed"] or interrupted["signal"]
+        return {"interrupted": True, "step": step, "signal": stop.signal or signal.SIGINT}
+    if stop.stop or stop.signal:
+        signum = stop.agreed or stop.signal
+        finished = "" if step < cfg.steps else (
+            "; run the same command again to write the end-of-run outputs")
         say(f"interrupted ({signal.Signals(signum).name}): checkpoint saved at step {step} "
-            f"in {trainer.checkpointer.directory}")
+            f"in {trainer.checkpointer.directory}{finished}")
         trainer.writer.close()
         return {"interrupted": True, "step": step, "signal": signum}
+    stop.phase = "finish"
+    return _finish(trainer, config, workdir, step, first_loss, last, t_start)
 
+
+def _write_json_atomically(path: str, value: Any, **kwargs) -> None:
+    """Writes ``path`` through a temporary file and a rename: a kill never leaves
+    a torn file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, **kwargs)
+    os.replace(tmp, path)
+
+
+def _finish(trainer: Trainer, config, workdir: str, step: int, first_loss, last,
+            t_start: float) -> dict[str, Any]:
+    """End-of-run outputs: final eval, loss plot, sample, ``final_metrics.json``
+    (written last: its presence marks a finished run)."""
+    cfg = config.train
     final = {"step": step, "train_loss_first": first_loss,
              "train_loss_last": last["loss"] if last else None,
-             "tokens_per_s": last["tokens_per_s"] if last else None,
+             "tokens_per_s": last.get("tokens_per_s") if last else None,
              "num_params": trainer.num_params,
              "wall_s": time.perf_counter() - t_start}
     if trainer.eval_batches:
@@ -394,7 +574,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
         trainer.writer.write(step, "eval", ev)
         final.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
     trainer.writer.close()
-    if not primary:
+    if not is_primary():
         return final
     metrics_lib.plot_loss_curve(trainer.writer.path, os.path.join(workdir, "loss_curve.png"))
     if cfg.sample_tokens and jax.process_count() == 1:   # several: `generate` afterwards
@@ -403,8 +583,7 @@ def train(config, workdir: str, *, devices=None) -> dict[str, Any]:
                                    trainer.tokenizer, prompt="The",
                                    num_tokens=cfg.sample_tokens,
                                    max_len=config.data.seq_len, seed=cfg.seed)
-    with open(os.path.join(workdir, "final_metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(final, f, indent=2)
+    _write_json_atomically(os.path.join(workdir, "final_metrics.json"), final)
     print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in final.items() if k != "sample"))
     if "sample" in final:

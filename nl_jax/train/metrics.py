@@ -51,20 +51,29 @@ class MetricsWriter:
                 f.writelines(kept)
             os.replace(tmp, self.path)
 
-    def first(self, split: str) -> dict[str, Any] | None:
-        """The earliest record of ``split`` already in the JSONL file (None if none):
-        a resumed run reports the run's first loss, not its invocation's."""
+    def _records(self, split: str):
         if not self.enabled or not os.path.exists(self.path):
-            return None
+            return
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if record.get("split") == split:
-                    return record
-        return None
+                if isinstance(record, dict) and record.get("split") == split:
+                    yield record
+
+    def first(self, split: str) -> dict[str, Any] | None:
+        """The earliest record of ``split`` already in the JSONL file (None if none):
+        a resumed run reports the run's first loss, not its invocation's."""
+        return next(self._records(split), None)
+
+    def last(self, split: str) -> dict[str, Any] | None:
+        """The latest record of ``split`` already in the JSONL file (None if none)."""
+        record = None
+        for record in self._records(split):   # noqa: B007 (the last one is kept)
+            pass
+        return record
 
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
