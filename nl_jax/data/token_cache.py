@@ -13,6 +13,12 @@ tokenizer gives a new cache entry and an unchanged corpus is never tokenized
 twice.  An entry is stored under the hashes of the bytes it was tokenized
 from, so a file edited while the cache is built cannot leave a stale entry
 under the new contents' key.
+
+Integrity: the entry's ``.json`` records a CRC-32 of every chunk of
+``CHUNK_TOKENS`` tokens; the array is handed out as ``VerifiedTokens``, which
+checks each chunk the first time a read touches it (never the whole corpus at
+startup) and the file's size before every read (a cache truncated under a
+running job is an error, not a SIGBUS).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import io
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -35,7 +42,73 @@ from nl_jax.errors import DataError
 
 # Bump when code that shapes the tokens changes: text_files.read_text's
 # normalisation or how tokenizer.py builds a tokenizer from its files.
-CACHE_FORMAT = 3   # 3: HF tokenizers with padding/truncation switched off
+CACHE_FORMAT = 4   # 3: HF tokenizers with padding/truncation switched off; 4: chunk CRCs
+CHUNK_TOKENS = 2**20     # tokens per checksummed chunk of a cache entry
+
+
+def chunk_checksums(tokens: np.ndarray, chunk: int = CHUNK_TOKENS) -> list[int]:
+    """CRC-32 of the bytes of every ``chunk`` tokens (the last chunk may be short)."""
+    return [zlib.crc32(np.ascontiguousarray(tokens[i:i + chunk]).view(np.uint8))
+            for i in range(0, int(tokens.size), chunk)]
+
+
+class VerifiedTokens:
+    """A cache entry's token array that verifies itself as it is read.
+
+    Indexing (an int, a slice or an integer array, as ``np.memmap``) first
+    checks that the file still has its size, then the CRC-32 of every chunk
+    the read touches that no earlier read verified.  A mismatch is a
+    ``DataError`` naming the file and the way out (delete it: it is rebuilt).
+    """
+
+    def __init__(self, tokens: np.ndarray, path: str, checksums: Sequence[int],
+                 chunk: int = CHUNK_TOKENS):
+        self._tokens, self.path, self._chunk = tokens, path, chunk
+        self._checksums = list(checksums)
+        self._verified = np.zeros(len(self._checksums), bool)
+        self._file_bytes = os.path.getsize(path)
+        self.size, self.dtype, self.shape, self.ndim = tokens.size, tokens.dtype, tokens.shape, 1
+
+    def __len__(self) -> int:
+        return int(self.size)
+
+    def _fail(self, what: str):
+        raise DataError(f"the token cache {self.path} {what}; delete it (it is rebuilt from "
+                        f"the text files) and run the same command again")
+
+    def _check(self, chunks: np.ndarray) -> None:
+        try:
+            size = os.path.getsize(self.path)
+        except OSError as e:
+            self._fail(f"cannot be read ({e.strerror})")
+        if size != self._file_bytes:
+            self._fail(f"changed size while in use ({size} bytes, {self._file_bytes} "
+                       f"expected: truncated or overwritten)")
+        for c in chunks[~self._verified[chunks]]:
+            lo = int(c) * self._chunk
+            got = zlib.crc32(np.ascontiguousarray(self._tokens[lo:lo + self._chunk])
+                             .view(np.uint8))
+            if got != self._checksums[c]:
+                self._fail(f"is corrupted (tokens {lo}-{lo + self._chunk - 1}: checksum "
+                           f"{got:08x}, recorded {self._checksums[c]:08x})")
+            self._verified[c] = True
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            lo, hi, _ = index.indices(int(self.size))
+            chunks = np.arange(lo // self._chunk, (max(hi, lo + 1) - 1) // self._chunk + 1)
+        else:
+            flat = np.asarray(index, dtype=np.int64).reshape(-1)
+            flat = np.where(flat < 0, flat + int(self.size), flat)
+            chunks = np.unique(flat // self._chunk)
+        self._check(chunks[(chunks >= 0) & (chunks < len(self._checksums))])
+        return self._tokens[index]
+
+    def __array__(self, dtype=None, copy=None):
+        self._check(np.arange(len(self._checksums)))
+        if copy:
+            return np.array(self._tokens, dtype=dtype, copy=True)
+        return np.asarray(self._tokens, dtype=dtype)
 
 
 def _library_versions() -> dict[str, str]:
@@ -237,14 +310,23 @@ def _build_lock(directory: str, name: str) -> Iterator[None]:
                 os.remove(path)
 
 
-def _load_cached(path: str, dtype: np.dtype) -> np.ndarray | None:
+def _load_cached(path: str, dtype: np.dtype) -> VerifiedTokens | None:
+    """The entry at ``path`` with its recorded chunk checksums; None (rebuild) if
+    the array or its description is unreadable, truncated or of an older format."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path[:-len(".npy")] + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
     except (OSError, ValueError, EOFError):  # unreadable, truncated or empty: rebuild
         return None
     if tokens.ndim != 1 or tokens.dtype != dtype or tokens.size == 0:
         return None
-    return tokens
+    checksums = meta.get("chunk_crc32") if isinstance(meta, dict) else None
+    if (meta.get("format") != CACHE_FORMAT or meta.get("chunk_tokens") != CHUNK_TOKENS
+            or meta.get("num_tokens") != int(tokens.size) or not isinstance(checksums, list)
+            or len(checksums) != -(-int(tokens.size) // CHUNK_TOKENS)):
+        return None
+    return VerifiedTokens(tokens, path, checksums)
 
 
 def load_or_build(files: Sequence[str], tokenizer, cache_dir: str | None) -> TokenCache:
@@ -304,11 +386,14 @@ def _build(files: tuple[str, ...], tokenizer, cache_dir: str, dtype: np.dtype) -
     path = os.path.join(cache_dir, name + ".npy")
     os.replace(built, path)
     tokens = np.load(path, mmap_mode="r")
+    checksums = chunk_checksums(tokens)
     meta = {"format": CACHE_FORMAT, "key": key, "tokenizer": tokenizer.fingerprint,
             "num_tokens": int(tokens.size), "dtype": dtype.name,
             "libraries": _library_versions(),
+            "chunk_tokens": CHUNK_TOKENS, "chunk_crc32": checksums,
             "files": [{"path": p, "sha256": h} for p, h in zip(files, hashes, strict=True)]}
     _write_atomically(cache_dir, name + ".json",
                       lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    return TokenCache(tokens, key, path, files, built=True, file_hashes=tuple(hashes),
+    return TokenCache(VerifiedTokens(tokens, path, checksums), key, path, files, built=True,
+                      file_hashes=tuple(hashes),
                       identity=data_identity(tokenizer.fingerprint, hashes))

@@ -20,9 +20,9 @@ from __future__ import annotations
 import errno
 import fnmatch
 import json
-import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -36,8 +36,6 @@ from nl_jax.errors import (
     WorkdirError,
 )
 from nl_jax.train import integrity
-
-log = logging.getLogger("nl_jax")
 
 DAMAGED_DIR = "damaged_checkpoints"
 # Free space asked for beyond a checkpoint's array bytes (metadata, JSON items).
@@ -164,8 +162,8 @@ class Checkpointer:
                                f"or unmounted); step {step} was not saved. Restore the "
                                f"folder or start again with a new --workdir")
         if not os.path.isdir(self.directory):
-            log.warning("warning: %s vanished during the run; re-creating it (the "
-                        "checkpoints it held are gone)", self.directory)
+            print(f"warning: {self.directory} vanished during the run; re-creating it "
+                  f"(the checkpoints it held are gone)", file=sys.stderr)
             with self.guard(f"re-creating {self.directory}"):
                 self.manager.wait_until_finished()
                 os.makedirs(self.directory, exist_ok=True)

@@ -137,7 +137,13 @@ class Trainer:
         self.saved_config = None     # the checkpoint's config, once restored
 
     def close(self) -> None:
-        """Releases the workdir's writer lock (train); safe to call twice."""
+        """Lets checkpoint writes under way finish (a run stopped by an error keeps
+        its last save), then releases the workdir's writer lock; safe to call
+        twice."""
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is not None and self.purpose == "train":
+            with contextlib.suppress(Exception):
+                checkpointer.manager.wait_until_finished()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -413,7 +419,8 @@ def _train(trainer: Trainer, config, workdir: str, stop: StopSignals,
     if primary:
         _write_json_atomically(os.path.join(workdir, "config.json"), config.to_dict(),
                                default=str)
-    trainer.compile()
+    if not stop.stop:      # a stop signal during startup: no step will run
+        trainer.compile()
 
     # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit; a second
     # signal exits at once without saving (``StopSignals``).  These handlers
