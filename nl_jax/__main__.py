@@ -10,6 +10,8 @@ Commands:
              (--json PATH)
   aot        pre-flight: compile the train step for a TPU slice (--topology v5p:4x4x8)
              and report per-chip memory; needs the tpu extra (libtpu)
+  levels     print a config's nested levels (step clock and token clock) without
+             building anything: --config FILE[:ARG] --config.KEY=VALUE [--json PATH]
   tokenizer  train the bundled byte-level BPE on text files
 
 User mistakes (config keys, data files, incompatible checkpoints) print one
@@ -54,17 +56,20 @@ def cmd_train(argv: list[str]) -> int:
     from nl_jax.train import distributed
     config, rest = config_lib.load(argv)
     workdir, unknown = _split_workdir(rest)
+    fresh_start = "--fresh_start" in unknown
+    unknown = [a for a in unknown if a != "--fresh_start"]
     launch, unknown = distributed.split_flags(unknown)
     if unknown:
         raise UserError(f"train: unknown arguments {unknown}; use --config, "
-                        f"--config.KEY=VALUE, --workdir and the multi-process flags "
+                        f"--config.KEY=VALUE, --workdir, --fresh_start and the "
+                        f"multi-process flags "
                         f"(--distributed, or --coordinator/--num_processes/--process_id)")
     if workdir is None and distributed.requested(launch):
         raise UserError("train: a multi-process run needs --workdir DIR, the same folder "
                         "(seen by every host) on every process")
     distributed.initialize(launch)
     from nl_jax.train.loop import train
-    result = train(config, _workdir(workdir, config))
+    result = train(config, _workdir(workdir, config), fresh_start=fresh_start)
     if result.get("diverged"):
         return 1
     return 128 + int(result["signal"]) if result.get("interrupted") else 0
@@ -190,38 +195,100 @@ def cmd_aot(argv: list[str]) -> int:
     return aot.main(argv)
 
 
+def cmd_levels(argv: list[str]) -> int:
+    from nl_jax import config as config_lib
+    from nl_jax import levels as levels_lib
+    config, rest = config_lib.load(argv)
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument("--json")
+    try:
+        args, unknown = parser.parse_known_args(rest)
+    except argparse.ArgumentError:
+        raise UserError("levels: --json needs a file path: --json PATH") from None
+    if unknown:
+        raise UserError(f"levels: unknown arguments {unknown}; use --config, "
+                        f"--config.KEY=VALUE and --json PATH")
+    tree = levels_lib.levels_tree(config)
+    print(levels_lib.format_tree(tree))
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(tree, f, indent=2)
+        except OSError as e:
+            raise UserError(f"levels: cannot write --json {args.json}: {e.strerror}") from None
+    return 0
+
+
 def cmd_tokenizer(argv: list[str]) -> int:
     from nl_jax.data import tokenizer
     return tokenizer.main(argv)
 
 
-_COMMON = """
+_CONFIG = """
   --config FILE[:ARG]   a config file with get_config() (default: experiments/hope/tiny.py)
-  --config.KEY=VALUE    override a key of it, e.g. --config.train.steps=500
+  --config.KEY=VALUE    override a key of it, e.g. --config.train.steps=500"""
+_RUN_CONFIG = """
+  --workdir DIR         the run's folder, made by `train` (required)
+  --config FILE[:ARG]   a config file with get_config() (default: the run's own,
+                        DIR/config.json, saved by `train`)
+  --config.KEY=VALUE    override a key of it, e.g. --config.data.seq_len=256"""
+_SWAP = """
+  --config.levels.L.optimizer.name=X  run level L on optimizer X with X's own
+                        settings (learning rate and schedule included); other
+                        --config.levels.L.optimizer.* flags apply on top"""
+_COMMON = _CONFIG + """
   --workdir DIR         the run's folder (checkpoints, metrics, config.json)"""
 HELP = {
     "train": "usage: python -m nl_jax train [--config FILE[:ARG]] [--config.KEY=VALUE ...] "
              "[--workdir DIR]\n\nTrains, or resumes from the latest checkpoint in "
-             "--workdir." + _COMMON + """
+             "--workdir." + _COMMON + _SWAP + """
+  --fresh_start         train from scratch although the workdir holds only damaged
+                        checkpoints (they are moved aside, never deleted)
   --distributed         multi-process (TPU pod slices, SLURM, Open MPI), or
   --coordinator HOST:PORT --num_processes N --process_id I""",
     "eval": "usage: python -m nl_jax eval --workdir DIR [--files GLOB ...] [--batches N] "
-            "[--config.KEY=VALUE ...]\n\nHeld-out loss and perplexity of the latest "
-            "checkpoint (printed, and written to DIR/eval.json)." + _COMMON + """
+            "[--config FILE] [--config.KEY=VALUE ...]\n\nHeld-out loss and perplexity of "
+            "the latest checkpoint (printed, and written to DIR/eval.json)." + _RUN_CONFIG + """
   --files GLOB ...      held-out text files (default: the run's data.eval_files)
   --batches N           number of batches (default: the run's train.eval_batches)""",
     "generate": "usage: python -m nl_jax generate --workdir DIR [--prompt TEXT] "
-                "[--tokens N] [--temperature T] [--seed S] [--window]\n\nSamples text "
-                "from the latest checkpoint." + _COMMON + """
+                "[--tokens N] [--temperature T] [--seed S] [--window] [--config FILE] "
+                "[--config.KEY=VALUE ...]\n\nSamples text from the latest checkpoint."
+                + _RUN_CONFIG + """
   --prompt TEXT         the start of the text (empty: an unconditional sample)
   --tokens N            tokens to sample (default 64)
   --temperature T       softmax temperature, 0 for greedy (default 0.8)
   --window              slide a window of data.seq_len tokens even for models whose
                         memory carries the whole text (Titans, Hope)""",
+    "bench": "usage: python -m nl_jax bench {" + ",".join(BENCHMARKS) + "} [flags]\n\n"
+             "Benchmarks (each prints a table; --json PATH writes its rows and a PNG):\n"
+             "  memory       one token-clock memory level alone: oracle scan vs chunked "
+             "form\n"
+             "  optimizers   the experiments/optimizers configs on a tiny byte-level LM\n"
+             "  schedules    CMS update-frequency schedules on a tiny byte-level LM\n"
+             "  throughput   training speed (tokens/s, step memory) of every family's "
+             "tiny config\n\n"
+             "`python -m nl_jax bench NAME --help` lists a benchmark's flags.",
+    "aot": "usage: python -m nl_jax aot --topology TOPOLOGY [--config FILE[:ARG]] "
+           "[--config.KEY=VALUE ...] [--json PATH]\n\nPre-flight: compiles the train "
+           "step of a config for a TPU slice without one, and reports per-chip memory "
+           "(exit 1 if it does not fit).  Needs the tpu extra (libtpu)." + _CONFIG + """
+  --topology TOPOLOGY   e.g. v5p:4x4x8 or v5e:4x4; local: the devices of this machine
+  --json PATH           write the report here""",
+    "levels": "usage: python -m nl_jax levels [--config FILE[:ARG]] [--config.KEY=VALUE ...] "
+              "[--json PATH]\n\nPrints a config's nested levels, slowest to fastest: the "
+              "step-clock levels (config.levels: parameters owned, optimizer with every "
+              "resolved setting, period, schedule; for matrix optimizers which parameters "
+              "fall back to AdamW) and the token-clock levels of the model (in-context "
+              "memories and CMS levels: map, objective, update rule, chunk or period, "
+              "inner learning rate, bounds).  Builds nothing: shapes only." + _CONFIG
+              + _SWAP + """
+  --json PATH           also write the tree as JSON""",
 }
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "bench": cmd_bench, "aot": cmd_aot, "tokenizer": cmd_tokenizer}
+            "bench": cmd_bench, "aot": cmd_aot, "levels": cmd_levels,
+            "tokenizer": cmd_tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; choose one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if command in HELP and any(a in ("-h", "--help") for a in argv):
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if command == "bench" and argv and argv[0] in BENCHMARKS:
+        asks_help = False     # `bench NAME --help`: the benchmark's own flags
+    if command in HELP and asks_help:
         print(HELP[command])
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -19,6 +19,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,14 +38,50 @@ def default_config_path() -> str:
     return path if os.path.exists(path) else os.path.join(REPO_ROOT, FALLBACK_CONFIG)
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Loads ``path.py`` or ``path.py:arg`` and calls its ``get_config``."""
+def _display(path: str) -> str:
+    """``path`` relative to the working directory when inside it (as the user wrote it)."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _raised_at(err: BaseException, path: str) -> str:
+    """``line N`` of the config file's deepest frame in ``err``'s traceback, plus
+    the deepest frame of the repository when that is another file."""
+    import traceback
+    frames = traceback.extract_tb(err.__traceback__)
+    target = os.path.abspath(path)
+    mine = [f for f in frames if os.path.abspath(f.filename) == target]
+    where = f"line {mine[-1].lineno}" if mine else "(no line of it on the stack)"
+    def user_file(name: str) -> bool:   # the repository's own code, not a library
+        name = os.path.abspath(name)
+        return (name.startswith(REPO_ROOT + os.sep) and name != target
+                and "site-packages" not in name and name != os.path.abspath(__file__))
+    inner = [f for f in frames if user_file(f.filename)]
+    if inner and (not mine or frames.index(inner[-1]) > frames.index(mine[-1])):
+        where += f" (raised in {_display(inner[-1].filename)} line {inner[-1].lineno})"
+    return where
+
+
+def _describe(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text}"
+
+
+def load_config_file(spec: str, *, strict: bool = True) -> ml_collections.ConfigDict:
+    """Loads ``path.py`` or ``path.py:arg`` and calls its ``get_config``.
+
+    With ``strict`` (the default) the result may hold only the keys that
+    ``experiments/base.py`` and the family schemas know (``check_known_keys``).
+    Any exception while the file runs is a ``ConfigError`` naming the file and
+    line, so the command line prints one ``error:`` line instead of a traceback.
+    """
     path, _, arg = spec.partition(":")
     if not os.path.isabs(path) and not os.path.exists(path):
         path = os.path.join(REPO_ROOT, path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file {spec!r} not found (give a path to a "
                           f"Python file with get_config(), e.g. {DEFAULT_CONFIG})")
+    shown = _display(path)
     module_spec = importlib.util.spec_from_file_location("_nl_jax_config", path)
     module = importlib.util.module_from_spec(module_spec)
     import sys
@@ -53,22 +90,183 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise ConfigError(f"--config: {path} line {e.lineno}: syntax error: {e.msg}") from None
+        if os.path.abspath(e.filename or "") != os.path.abspath(path):
+            raise ConfigError(f"--config: {shown}: importing it failed: {e.filename} line "
+                              f"{e.lineno}: syntax error: {e.msg}") from None
+        raise ConfigError(f"--config: {shown} line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        raise ConfigError(f"--config: {shown} {_raised_at(e, path)}: loading the file "
+                          f"raised {_describe(e)}; fix that line") from None
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {path} has no get_config() function")
+        raise ConfigError(f"--config: {shown} has no get_config() function")
     import inspect
     try:
         inspect.signature(module.get_config).bind(*([arg] if arg else []))
     except TypeError:
         wanted = ("takes an argument: use --config {path}:ARG" if not arg else
                   "takes no argument: use --config {path} without ':{arg}'")
-        raise ConfigError(f"--config: get_config() in {path} "
+        raise ConfigError(f"--config: get_config() in {shown} "
                           + wanted.format(path=spec.partition(':')[0], arg=arg)) from None
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:
+        raise ConfigError(f"--config: {shown} {_raised_at(e, path)}: get_config() raised "
+                          f"{_describe(e)}; fix that line") from None
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"--config: get_config() in {path} must return a "
+        raise ConfigError(f"--config: get_config() in {shown} must return a "
                           f"ml_collections.ConfigDict, got {type(config).__name__}")
+    if strict:
+        check_known_keys(config, source=f"--config: {shown}")
     return config
+
+
+# ----------------------------------------------------------------------------
+# Strict configs: the keys a config file may set, and their types
+# ----------------------------------------------------------------------------
+
+ANY = object()   # a key whose value this check does not type (the model checks it)
+NEVER = "never"
+
+# model.cms: the keys ContinuumMemory reads (nl_jax/models/cms.py keeps them in a
+# local set; tests/test_strict_config.py checks the two agree).
+CMS_KEYS = dict(periods=ANY, variant="sequential", block="swiglu", d_ff=ANY, lr=0.0,
+                target="input", use_cms=True, max_update=0.0, nested_lr=0.0)
+# model.memory: Titans keys outside MemorySpec (nl_jax/models/titans.py TITANS_KEYS).
+TITANS_TYPES = dict(segment_len=0, n_persistent=0, window=0, remat_segments=False)
+
+
+def _group_schemas() -> dict[str, dict[str, Any]]:
+    """``{dotted group: {key: example value}}`` for the family groups that
+    ``experiments/base.py`` does not hold: their known keys come from the
+    models' own definitions."""
+    import dataclasses
+
+    from nl_jax.memory.spec import MemorySpec
+    from nl_jax.models import self_modifying, titans
+    memory = {f.name: f.default for f in dataclasses.fields(MemorySpec)}
+    memory.update({k: TITANS_TYPES.get(k, ANY) for k in titans.TITANS_KEYS})
+    return {"model.memory": memory,
+            "model.self_modifying": dict(self_modifying.DEFAULTS),
+            "model.cms": dict(CMS_KEYS)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """``experiments/base.py``'s ``get_config()``: the keys every config knows."""
+    import sys
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from experiments import base
+    return base.get_config()
+
+
+def _type_error(key: str, value: Any, example: Any) -> str | None:
+    """What is wrong with ``value`` for a key whose known value is ``example``
+    (the rules of ``_parse_value``: the type of the value it replaces)."""
+    if example is ANY or example is None:
+        return None
+    if isinstance(example, bool):
+        return None if isinstance(value, bool) else "expected a boolean (True/False)"
+    if isinstance(example, int):
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or value == NEVER
+        return None if ok else "expected an integer"
+    if isinstance(example, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "expected a number"
+    if isinstance(example, str):
+        return None if isinstance(value, str) else "expected a string"
+    if isinstance(example, (tuple, list)):
+        return None if isinstance(value, (tuple, list)) else "expected a tuple, e.g. (x,)"
+    if isinstance(example, (dict, ml_collections.ConfigDict)):
+        ok = isinstance(value, (dict, ml_collections.ConfigDict))
+        return None if ok else "expected a group (dict) of keys"
+    return None
+
+
+def _unknown(source: str, key: str, known: Sequence[str], group: str) -> ConfigError:
+    last = key.rsplit(".", 1)[-1]
+    close = [k for k in known if k.rsplit(".", 1)[-1] == last]   # in another group
+    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        tails = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = [tails[t] for t in difflib.get_close_matches(last, list(tails), n=1)]
+    hint = f"did you mean {close[0]}? " if close else ""
+    siblings = sorted(k.rsplit(".", 1)[-1] for k in known
+                      if k.rpartition(".")[0] == group)
+    return ConfigError(f"{source}: unknown config key {key!r}; {hint}(keys under "
+                       f"{group or 'the config'}: {', '.join(siblings)}); fix or remove it "
+                       f"in the file")
+
+
+def check_known_keys(config: ml_collections.ConfigDict, source: str = "config") -> None:
+    """Every key of ``config`` is one that ``experiments/base.py`` or a family
+    schema knows, with a value of the known type; else a ``ConfigError`` naming
+    the key and ``source`` (the config file) with a "did you mean".
+
+    Open groups: ``levels`` (any level names; each ``params``, ``every``,
+    ``optimizer``, the optimizer checked by the registry), ``mesh`` (any axis
+    names), ``model.memory`` / ``model.self_modifying`` / ``model.cms`` (the
+    keys the Titans, Hope and CMS modules read).
+    """
+    base = base_config()
+    groups = _group_schemas()
+    known: list[str] = _all_keys(base)
+    for group, keys in groups.items():
+        known += [group] + [f"{group}.{k}" for k in keys]
+
+    def walk(node, schema, prefix):
+        for k, value in node.items():
+            key = prefix + k
+            if prefix == "mesh.":
+                if _type_error(key, value, 0) or value == NEVER:
+                    raise ConfigError(f"{source}: config key {key}={value!r}: expected an "
+                                      f"integer (a mesh axis size, -1 fills)")
+                continue
+            if key in groups:
+                example = {}
+            elif schema is not None and k in schema:
+                example = schema[k]
+            else:
+                raise _unknown(source, key, known, prefix[:-1])
+            problem = _type_error(key, value, example)
+            if problem:
+                raise ConfigError(f"{source}: config key {key}={value!r}: {problem} "
+                                  f"(the type of experiments/base.py's value); fix it in "
+                                  f"the file")
+            if key == "levels":
+                check_levels(value, source)
+            elif isinstance(value, ml_collections.ConfigDict):
+                sub = groups.get(key, example)
+                walk(value, sub, key + ".")
+
+    walk(config, base, "")
+
+
+LEVEL_KEYS = ("params", "every", "optimizer")
+
+
+def check_levels(levels, source: str = "config") -> None:
+    """``levels.<name>``: only ``params`` (a string), ``every`` (int or 'never')
+    and ``optimizer`` (a spec the registry accepts)."""
+    from nl_jax.optim import check_spec
+    for name, level in levels.items():
+        if not isinstance(level, (dict, ml_collections.ConfigDict)):
+            raise ConfigError(f"{source}: config key levels.{name} must be a group "
+                              f"dict(params=..., every=..., optimizer=...), got {level!r}")
+        for k, value in level.items():
+            key = f"levels.{name}.{k}"
+            if k not in LEVEL_KEYS:
+                raise _unknown(source, key, [f"levels.{name}.{x}" for x in LEVEL_KEYS],
+                               f"levels.{name}")
+            example = dict(params="", every=0, optimizer={})[k]
+            problem = _type_error(key, value, example)
+            if problem:
+                raise ConfigError(f"{source}: config key {key}={value!r}: {problem}; fix "
+                                  f"it in the file")
+        if "optimizer" in level:
+            try:
+                check_spec(level["optimizer"], where=f"levels.{name}.optimizer")
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -123,10 +321,53 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
     return literal()
 
 
+SWAP_KEY = re.compile(r"levels\.([^.]+)\.optimizer\.name")
+FALLBACK_KEY = re.compile(r"levels\.([^.]+)\.optimizer\.fallback")
+
+
+def _swap_optimizers(config: ml_collections.ConfigDict,
+                     overrides: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``levels.<L>.optimizer.name=X`` replaces the level's optimizer settings by
+    X's recipe (``nl_jax.optim.recipe``); returns the other overrides, which then
+    apply on top (so keys set on the same command line win, whatever their order)."""
+    rest = []
+    for key, text in overrides:
+        match = SWAP_KEY.fullmatch(key)
+        levels = config.get("levels")
+        if not match or not isinstance(levels, ml_collections.ConfigDict) or \
+                not isinstance(levels.get(match.group(1)), ml_collections.ConfigDict) or \
+                "optimizer" not in levels[match.group(1)]:
+            rest.append((key, text))
+            continue
+        from nl_jax.optim import OPTIMIZERS, recipe
+        if text not in OPTIMIZERS:
+            close = difflib.get_close_matches(text, list(OPTIMIZERS), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"--config.{key}={text!r} is not a registered optimizer; "
+                              f"{hint}choose one of {', '.join(sorted(OPTIMIZERS))}")
+        _set_value(config, ["levels", match.group(1), "optimizer"],
+                   ml_collections.ConfigDict(recipe(text)))
+    return rest
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
-    """Applies ``(dotted.key, text)`` overrides in order."""
+    """Applies ``(dotted.key, text)`` overrides in order.
+
+    Naming an optimizer (``levels.<L>.optimizer.name=X``) first replaces the
+    level's optimizer settings by X's recipe (learning rate and schedule
+    included); the other ``levels.<L>.optimizer.*`` overrides then apply on top.
+    ``levels.<L>.optimizer.fallback=none`` keeps a matrix optimizer on all of
+    the level's parameters.
+    """
+    overrides = _swap_optimizers(config, overrides)
     for key, text in overrides:
+        if FALLBACK_KEY.fullmatch(key) and text.strip().lower() == "none":
+            try:
+                _set_value(config, key.split("."), "none")
+            except (KeyError, AttributeError):
+                raise ConfigError(f"unknown config key {key!r}") from None
+            continue
         node = config
         parts = key.split(".")
         for i, part in enumerate(parts):

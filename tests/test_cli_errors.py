@@ -77,3 +77,24 @@ def test_bare_list_override_parses_each_item():
 def test_bench_with_too_little_text_names_the_flag(capsys, bench):
     code, err = run(capsys, "bench", bench, "--max_bytes", "10")
     assert code == 2 and "--max_bytes 10 is below" in err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["eval", "--help"], ["default: the run's own", "DIR/config.json"]),
+    (["generate", "--help"], ["default: the run's own", "--prompt"]),
+    (["bench", "--help"], ["memory", "optimizers", "schedules", "throughput",
+                           "bench NAME --help"]),
+    (["aot", "--help"], ["--config FILE", "--config.KEY=VALUE", "--topology"]),
+    (["levels", "--help"], ["--json PATH", "slowest to fastest"]),
+    (["train", "--help"], ["--config.levels.L.optimizer.name=X"]),
+])
+def test_help_texts(capsys, argv, needles):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in needles), out
+
+
+def test_bench_name_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "schedules", "--help"])
+    assert e.value.code == 0 and "--schedules" in capsys.readouterr().out

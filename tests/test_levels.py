@@ -286,5 +286,9 @@ def test_optimizer_experiments_change_only_levels_and_build(name):
                       grad_clip_norm=config.train.grad_clip_norm)
     state = jax.eval_shape(tx.init, params)
     metrics = jax.eval_shape(level_metrics, state)
-    assert set(metrics) == ({f"lr/{n}" for n in config.levels}
-                            | {f"updates/{n}" for n in config.levels})
+    from nl_jax.levels import assign_labels
+    labels = set(assign_labels(config.levels, params)[1].values())
+    assert {label.removesuffix(".fallback") for label in labels} == set(config.levels)
+    # a matrix optimizer's level sends its norm scales to the AdamW fallback
+    assert ("default.fallback" in labels) == (name in ("muon", "m3", "delta_momentum"))
+    assert set(metrics) == ({f"lr/{n}" for n in labels} | {f"updates/{n}" for n in labels})

@@ -403,3 +403,39 @@ def test_bench_optimizers_writes_rows_and_plot(tmp_path, capsys):
     assert "adamw" in capsys.readouterr().out
     np.testing.assert_array_equal(tiny_lm.batches(np.arange(1000), 2, 3, 4, seed=1),
                                   tiny_lm.batches(np.arange(1000), 2, 3, 4, seed=1))
+
+
+# -- recipes and fallbacks --------------------------------------------------------------
+def test_check_spec_says_did_you_mean_and_guards_the_fallback():
+    from nl_jax.optim import check_spec, resolve_spec
+    with pytest.raises(ConfigError, match="did you mean 'muon'"):
+        check_spec(dict(name="mu0n", learning_rate=1e-3), where="levels.a.optimizer")
+    with pytest.raises(ConfigError, match="matrix optimizers only"):
+        check_spec(dict(name="adamw", learning_rate=1e-3, fallback=dict(name="sgd",
+                                                                          learning_rate=1.0)))
+    with pytest.raises(ConfigError, match="cannot be a matrix optimizer"):
+        check_spec(dict(name="muon", learning_rate=1e-3,
+                        fallback=dict(name="m3", learning_rate=1e-3)))
+    full = resolve_spec(dict(name="muon", learning_rate=1e-3))
+    assert full["b2"] == 0.999 and full["schedule"] == dict(name="constant")
+    assert full["fallback"]["name"] == "adamw" and full["fallback"]["weight_decay"] == 0.1
+    assert resolve_spec(dict(name="m3", learning_rate=1e-3, fallback="none"))["fallback"] == "none"
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "m3", "delta_momentum", "dmgd"])
+def test_recipes_are_the_experiment_settings(name):
+    """The one-flag swap installs the settings of experiments/optimizers/<name>.py."""
+    import importlib
+
+    from nl_jax.optim import recipe
+    levels = importlib.import_module(f"experiments.optimizers.{name}").get_config().levels
+    spec = recipe(name)
+    spec.pop("fallback", None)
+    mine = levels.default.optimizer.to_dict()
+    assert {k: spec[k] for k in mine} == mine
+    if name in ("muon", "m3"):     # their embeddings level is the fallback's AdamW
+        from experiments.optimizers import common
+        from nl_jax.optim import COMPANION
+        emb = levels.embeddings.optimizer.to_dict()
+        assert {k: COMPANION[k] for k in emb} == emb
+        assert {k: COMPANION[k] for k in common.COMPANION} == common.COMPANION

@@ -2,7 +2,10 @@
 
 Embeddings stay on AdamW: M3 divides an orthogonalised matrix by sqrt(V)
 element by element, which is unbounded on the rows of tokens whose gradient
-has been zero so far.  Norm scales take M3's vector path (no Newton-Schulz).
+has been zero so far.  Norm scales go to the level's AdamW ``fallback`` (the
+companion settings of common.py; ``fallback="none"`` would keep them on M3's
+vector path): the same per-parameter optimizers as the one-flag swap
+``--config.levels.default.optimizer.name=m3`` on experiments/transformer/tiny.py.
 The learning rate is small because an orthogonalised entry (~1/sqrt(d)) is
 divided by sqrt(V) (~|g|): the step per entry is lr * O(1 / (sqrt(d) |g|)).
 """

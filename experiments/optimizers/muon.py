@@ -1,7 +1,11 @@
-"""Muon (optax.contrib.muon) on the blocks, AdamW on the embeddings.
+"""Muon (optax.contrib.muon) on the blocks' matrices, AdamW on everything else.
 
 Muon orthogonalises the momentum of every matrix (NL Eq. 52 with sigma =
-Newton-Schulz); its vectors (norm scales) take its built-in Adam path.
+Newton-Schulz).  The default level's norm scales go to its AdamW ``fallback``
+(the companion settings of common.py), like the embeddings level: the same
+optimizer per parameter as the one-flag swap
+``--config.levels.default.optimizer.name=muon`` on experiments/transformer/tiny.py
+(``python -m nl_jax levels --config experiments/optimizers/muon.py`` shows it).
 """
 
 from experiments import base

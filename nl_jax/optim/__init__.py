@@ -6,15 +6,31 @@ See ``registry`` for the spec format; the transforms themselves live in
 """
 
 from nl_jax.optim.newton_schulz import newton_schulz, scale_by_newton_schulz
-from nl_jax.optim.registry import OPTIMIZERS, OptimizerBuilder, build_optimizer
+from nl_jax.optim.registry import (
+    COMPANION,
+    MATRIX_OPTIMIZERS,
+    OPTIMIZERS,
+    OptimizerBuilder,
+    build_optimizer,
+    check_spec,
+    fallback_spec,
+    recipe,
+    resolve_spec,
+)
 from nl_jax.optim.schedules import SCHEDULES, build_schedule
 
 __all__ = [
+           "COMPANION",
+           "MATRIX_OPTIMIZERS",
            "OPTIMIZERS",
            "SCHEDULES",
            "OptimizerBuilder",
            "build_optimizer",
            "build_schedule",
+           "check_spec",
+           "fallback_spec",
            "newton_schulz",
+           "recipe",
+           "resolve_spec",
            "scale_by_newton_schulz",
 ]

@@ -76,6 +76,7 @@ class Trainer:
         self.mesh = make_mesh(config.mesh, self.devices)
         self.rules = tuple(tuple(r) for r in config.sharding.rules)
         _, abstract_params = abstract_model(config.model, config.train.seed)
+        self.abstract_params = abstract_params
         self.optimizer = levels_lib.build_levels(
             config.levels, abstract_params, total_steps=config.train.steps,
             grad_clip_norm=float(config.train.grad_clip_norm))
@@ -399,6 +400,9 @@ def _train(trainer: Trainer, config, workdir: str, stop: StopSignals,
     say(f"nl_jax: {config.model.mixer}+{config.model.mlp} LM, "
         f"{trainer.num_params:,} parameters, mesh {dict(trainer.mesh.shape)}{processes}, "
         f"workdir {workdir}")
+    if primary:
+        from nl_jax import levels as levels_lib
+        say(levels_lib.summary(config, trainer.abstract_params))
     if trainer.teach_paths:
         t, paths = config.teach_signal, trainer.teach_paths
         say(f"teach signal: {len(paths)} weight arrays ({', '.join(paths[:3])}"
