@@ -148,8 +148,15 @@ def cmd_eval(argv: list[str]) -> int:
     result = {"step": int(trainer.state["step"]), **trainer.evaluate(),
               "files": list(config.data.eval_files)}
     print(json.dumps(result))
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    path = os.path.join(workdir, "eval.json")
+    try:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"eval: the result is printed above, but {path} cannot be written "
+                        f"({e.strerror}); make the workdir writable to keep it") from None
     return 0
 
 
@@ -178,7 +185,7 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("memory", "optimizers", "schedules", "throughput")
+BENCHMARKS = ("checkpoint", "memory", "optimizers", "schedules", "throughput")
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -262,6 +269,7 @@ HELP = {
                         memory carries the whole text (Titans, Hope)""",
     "bench": "usage: python -m nl_jax bench {" + ",".join(BENCHMARKS) + "} [flags]\n\n"
              "Benchmarks (each prints a table; --json PATH writes its rows and a PNG):\n"
+             "  checkpoint   what integrity checksums add to a checkpoint save and restore\n"
              "  memory       one token-clock memory level alone: oracle scan vs chunked "
              "form\n"
              "  optimizers   the experiments/optimizers configs on a tiny byte-level LM\n"
@@ -310,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "jax", "orbax", "tensorstore", "grain", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # orbax logs through absl, and warns about what nl_jax reports itself in one
+    # line (e.g. the missing metadata of a damaged checkpoint it then skips).
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[command](argv)
     except UserError as e:

@@ -39,7 +39,8 @@ from nl_jax.train import integrity
 
 DAMAGED_DIR = "damaged_checkpoints"
 # Free space asked for beyond a checkpoint's array bytes (metadata, JSON items).
-SAVE_MARGIN_BYTES = 64 * 2**20
+SAVE_MARGIN_BYTES = 2**20
+SAVE_MARGIN_FRACTION = 0.05
 
 # Config groups whose change makes a checkpoint unusable for training (shapes,
 # optimizer state structure, token stream).  Other keys (steps, logging) may change.
@@ -170,7 +171,7 @@ class Checkpointer:
                 self.manager.reload()
         if self.manager.latest_step() == step:
             return False
-        needed = tree_bytes(state) + SAVE_MARGIN_BYTES
+        needed = int(tree_bytes(state) * (1 + SAVE_MARGIN_FRACTION)) + SAVE_MARGIN_BYTES
         free = shutil.disk_usage(self.directory).free
         if free < needed:
             good = self.latest_step()
@@ -249,6 +250,27 @@ class Checkpointer:
                 f"cannot read the {what} of checkpoint step {step} ({folder}): "
                 f"{first}") from None
 
+    def _check_files(self, step: int, items: tuple[str, ...]) -> None:
+        """Refuses a step whose folder lacks files every complete checkpoint has,
+        before orbax reads it (a missing OCDBT manifest would otherwise leave
+        tensorstore callbacks firing on a closed event loop, one traceback each)."""
+        folder = os.path.join(self.directory, str(step))
+        needed = ["_CHECKPOINT_METADATA"] + [os.path.join(i, "metadata") for i in items
+                                             if i != "state"]
+        if "state" in items:
+            state = os.path.join(folder, "state")
+            needed.append(os.path.join("state", "_METADATA"))
+            shards = [d for d in (os.listdir(state) if os.path.isdir(state) else [])
+                      if d.startswith("ocdbt.process_")]
+            if shards:       # OCDBT layout: a root manifest and one per writing process
+                needed.append(os.path.join("state", "manifest.ocdbt"))
+                needed += [os.path.join("state", d, "manifest.ocdbt") for d in shards]
+        missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            raise CheckpointDamagedError(
+                f"checkpoint step {step} ({folder}) is incomplete: "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} missing")
+
     def _integrity_record(self, step: int) -> dict | None:
         """The step's integrity record; None for checkpoints written before nl_jax
         recorded one."""
@@ -273,6 +295,8 @@ class Checkpointer:
         """Refuses a config that differs from the checkpoint's in ``keys``
         (``action``: what was refused, e.g. "resume from", "eval"); returns the
         checkpoint's config."""
+        self._check_files(step, ("config", "state") if keys is READ_KEYS
+                          else ("config", "data", "state"))
         saved = self._read(step, "config", config=ocp.args.JsonRestore())["config"]
         record = self._integrity_record(step)
         if record is not None and record.get("config") != integrity.json_checksum(saved):
