@@ -9,11 +9,11 @@ ARGS ?=
 # (~25% faster on the 2-core CI machine); more workers need more memory.
 TEST_WORKERS ?= 2
 
-.PHONY: install train test bench lint clean
+.PHONY: install train test bench lint clean check-install
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
@@ -32,6 +32,11 @@ bench: install
 	$(PY) -m nl_jax bench optimizers --json runs/bench/optimizers.json
 	$(PY) -m nl_jax bench schedules --json runs/bench/schedules.json
 	$(PY) -m nl_jax bench throughput --json runs/bench/throughput.json
+
+# pip install . into a fresh venv and run `python -m nl_jax bench optimizers` from
+# another folder (slow, downloads the pinned wheels; not part of `make test`).
+check-install:
+	bash tests/check_install.sh
 
 lint: install
 	$(PY) -m pip install --quiet --disable-pip-version-check ruff==0.17.6

@@ -2,7 +2,7 @@
 reference.
 
 The chunked dual form of the linear memory (``nl_jax/memory/linear_chunked.py``,
-NL_MATH.md section 1) splits into state-independent quantities of every chunk
+docs/equations.md section 1) splits into state-independent quantities of every chunk
 (gate matrices, per-token weights: batched, computed by XLA) and a recurrence
 over chunks that carries the state.  This module holds the recurrence:
 

@@ -27,15 +27,43 @@ import ml_collections
 
 from nl_jax.errors import ConfigError
 
+# The folder that holds the nl_jax package: the repository, or site-packages when
+# installed.  Relative data paths of a config and relative --config paths start here.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join("experiments", "hope", "tiny.py")
-FALLBACK_CONFIG = os.path.join("experiments", "transformer", "tiny.py")
+# The default config ships inside the package (nl_jax/configs/), so an installed
+# nl_jax trains without the repository's experiments/ folder.
+DEFAULT_CONFIG = os.path.join("nl_jax", "configs", "hope", "tiny.py")
 
 
 def default_config_path() -> str:
-    """The README's default: Hope tiny (Transformer++ tiny until Hope exists)."""
-    path = os.path.join(REPO_ROOT, DEFAULT_CONFIG)
-    return path if os.path.exists(path) else os.path.join(REPO_ROOT, FALLBACK_CONFIG)
+    """The README's default: Hope tiny, ``nl_jax/configs/hope/tiny.py``."""
+    from nl_jax import configs
+    return configs.path("hope/tiny.py")
+
+
+def _config_import_root(path: str) -> str | None:
+    """The folder to put on ``sys.path`` so that the config file at ``path`` can
+    import the package it belongs to: the parent of the outermost folder of an
+    unbroken chain of ``__init__.py`` folders above it (``experiments/hope/340m.py``
+    -> the repository, whence ``from experiments.hope import common``).  None when
+    that package is importable already (``nl_jax/configs/*``) or the file is in no
+    package: it imports what ``sys.path`` already reaches (the installed nl_jax,
+    ``from nl_jax.configs import base``; with ``python -m``, the working directory)."""
+    folder, top = os.path.dirname(os.path.abspath(path)), None
+    while os.path.isfile(os.path.join(folder, "__init__.py")):
+        top, folder = folder, os.path.dirname(folder)
+        if folder == top:
+            break
+    if top is None:
+        return None
+    try:
+        found = importlib.util.find_spec(os.path.basename(top))
+    except (ImportError, ValueError):
+        found = None
+    places = (found.submodule_search_locations or []) if found else []
+    if any(os.path.realpath(p) == os.path.realpath(top) for p in places):
+        return None
+    return os.path.dirname(top)
 
 
 def _display(path: str) -> str:
@@ -71,7 +99,7 @@ def load_config_file(spec: str, *, strict: bool = True) -> ml_collections.Config
     """Loads ``path.py`` or ``path.py:arg`` and calls its ``get_config``.
 
     With ``strict`` (the default) the result may hold only the keys that
-    ``experiments/base.py`` and the family schemas know (``check_known_keys``).
+    ``nl_jax/configs/base.py`` and the family schemas know (``check_known_keys``).
     Any exception while the file runs is a ``ConfigError`` naming the file and
     line, so the command line prints one ``error:`` line instead of a traceback.
     """
@@ -85,8 +113,9 @@ def load_config_file(spec: str, *, strict: bool = True) -> ml_collections.Config
     module_spec = importlib.util.spec_from_file_location("_nl_jax_config", path)
     module = importlib.util.module_from_spec(module_spec)
     import sys
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)  # so configs can `from experiments import base`
+    root = _config_import_root(path)
+    if root is not None and root not in sys.path:
+        sys.path.insert(0, root)   # so the file can import its siblings by package name
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
@@ -95,8 +124,13 @@ def load_config_file(spec: str, *, strict: bool = True) -> ml_collections.Config
                               f"{e.lineno}: syntax error: {e.msg}") from None
         raise ConfigError(f"--config: {shown} line {e.lineno}: syntax error: {e.msg}") from None
     except Exception as e:
+        fix = "fix that line"
+        if isinstance(e, ModuleNotFoundError) and e.name == "experiments":
+            fix = ("the repository's experiments/ folder is not importable here: import "
+                   "the base config from the library (`from nl_jax.configs import base`) "
+                   "or run from the repository")
         raise ConfigError(f"--config: {shown} {_raised_at(e, path)}: loading the file "
-                          f"raised {_describe(e)}; fix that line") from None
+                          f"raised {_describe(e)}; {fix}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {shown} has no get_config() function")
     import inspect
@@ -137,7 +171,7 @@ TITANS_TYPES = dict(segment_len=0, n_persistent=0, window=0, remat_segments=Fals
 
 def _group_schemas() -> dict[str, dict[str, Any]]:
     """``{dotted group: {key: example value}}`` for the family groups that
-    ``experiments/base.py`` does not hold: their known keys come from the
+    ``nl_jax/configs/base.py`` does not hold: their known keys come from the
     models' own definitions."""
     import dataclasses
 
@@ -151,11 +185,8 @@ def _group_schemas() -> dict[str, dict[str, Any]]:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """``experiments/base.py``'s ``get_config()``: the keys every config knows."""
-    import sys
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    from experiments import base
+    """``nl_jax/configs/base.py``'s ``get_config()``: the keys every config knows."""
+    from nl_jax.configs import base
     return base.get_config()
 
 
@@ -198,7 +229,7 @@ def _unknown(source: str, key: str, known: Sequence[str], group: str) -> ConfigE
 
 
 def check_known_keys(config: ml_collections.ConfigDict, source: str = "config") -> None:
-    """Every key of ``config`` is one that ``experiments/base.py`` or a family
+    """Every key of ``config`` is one that ``nl_jax/configs/base.py`` or a family
     schema knows, with a value of the known type; else a ``ConfigError`` naming
     the key and ``source`` (the config file) with a "did you mean".
 

@@ -78,8 +78,8 @@ def test_memory_kernel_with_head_dim_512_fits_vmem(topology):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from kernels import linear_memory as lm
     from nl_jax.train.aot import topology_devices
+    from nl_jax_kernels import linear_memory as lm
 
     sharding = NamedSharding(Mesh(topology_devices(topology)[:1], ("x",)), P())
     n, b, h, c, d = 4, 1, 2, 64, 512

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from kernels import linear_memory
 from nl_jax.errors import ConfigError
 from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+from nl_jax_kernels import linear_memory
 from tests.memory_helpers import perturbed, random_inputs
 from tests.test_memory_equivalence import _loss_and_grads
 

@@ -5,7 +5,7 @@ replaced by the CMS of experiments/hope/tiny.py: a level updated in context
 every 32 tokens and a frozen level (d_ff 384 each).
 """
 
-from experiments.hope import tiny
+from nl_jax.configs.hope import tiny
 
 
 def get_config():

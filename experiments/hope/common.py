@@ -1,6 +1,6 @@
 """Shared shape of the Hope paper-scale configs (340m.py, 760m.py, 1_3b.py).
 
-Training recipe of NL / Titans section 5.1 (NL_MATH.md section 6): Llama-2
+Training recipe of NL / Titans section 5.1 (docs/equations.md section 6): Llama-2
 sentencepiece tokenizer (32K vocabulary, path given by the user), 4K training
 length, AdamW lr 4e-4 with cosine decay, weight decay 0.1, 0.5M-token batches
 (128 x 4096).  Shapes (d_model x layers x heads) are the Transformer++ shapes
@@ -9,7 +9,7 @@ size so that the total parameter count is within 5% of the name (run
 ``python -m experiments.hope.count_params``).
 """
 
-from experiments import base
+from nl_jax.configs import base
 
 # CMS periods in tokens (project choice): a level updated every 512 tokens, one
 # every 2048 (NL 7.1 recommends the lowest in-context frequency around 2K

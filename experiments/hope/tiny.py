@@ -1,27 +1,13 @@
 """Hope tiny: the CPU config (self-modifying Titans + CMS).
 
-d_model 128 x 2 layers x 4 heads (head_dim 32), seq 128, batch 16 (base.py).
-Memory chunks: 32 tokens for the k/v/eta/alpha memories, 16 for the main
-memory.  CMS: a SwiGLU level updated in context every 32 tokens and a frozen
-SwiGLU level, each of width d_ff = 384 (base.py).
+The library ships this config in ``nl_jax/configs/hope/tiny.py`` (the default config of
+``python -m nl_jax train``); this file returns it so that ``--config
+experiments/hope/tiny.py`` and ``from experiments.hope.tiny import get_config`` keep
+working.
 """
 
-from experiments import base
+from nl_jax.configs.hope import tiny
 
 
 def get_config():
-    c = base.get_config()
-    c.model.mixer = "self_modifying"
-    c.model.mlp = "cms"
-    c.model.self_modifying = dict(
-        path="chunked", memory="mlp", hidden_mult=1, objective="l2",
-        chunk_size=32, memory_chunk_size=16, lr=1.0, conv_window=4,
-        dgd=True, momentum=True, weight_decay=True,
-        adaptive_k=True, adaptive_v=True, adaptive_q=False,
-        adaptive_eta=True, adaptive_alpha=True,
-        grad_clip=0.25,            # inner gradient clip (bounds the memory states)
-    )
-    c.model.cms = dict(periods=(32, "never"), variant="sequential", block="swiglu",
-                       lr=1e-3, target="input", use_cms=True,
-                       max_update=0.005)
-    return c
+    return tiny.get_config()

@@ -1,1 +1,3 @@
-"""Optimizer swaps: configs that differ from ``experiments/base.py`` only in ``levels``."""
+"""Optimizer swaps: configs that differ from the base config (``nl_jax/configs/base.py``)
+only in ``levels``; the ones ``bench optimizers`` compares are defined in
+``nl_jax/configs/optimizers/`` and re-exported here."""

@@ -1,12 +1,13 @@
-"""AdamW on every parameter every step (the reference the others are compared to)."""
+"""AdamW on every parameter every step (the reference the others are compared to).
 
-from experiments import base
-from experiments.optimizers import common
+The library ships this config in ``nl_jax/configs/optimizers/adamw.py`` (compared by
+``bench optimizers`` and ``bench schedules``); this file returns it so that ``--config
+experiments/optimizers/adamw.py`` and ``from experiments.optimizers.adamw import
+get_config`` keep working.
+"""
+
+from nl_jax.configs.optimizers import adamw
 
 
 def get_config():
-    c = base.get_config()
-    c.levels = dict(default=dict(params=".*", every=1, optimizer=dict(
-        name="adamw", learning_rate=3e-3, b1=0.9, b2=0.95, weight_decay=0.1,
-        schedule=dict(common.WARMUP_COSINE))))
-    return c
+    return adamw.get_config()

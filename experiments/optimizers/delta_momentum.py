@@ -1,16 +1,13 @@
 """Delta-rule momentum (NL Eq. 48-49) on every parameter.
 
-The decay a I - G^T G contracts because gradients are clipped to global norm
-1 (``train.grad_clip_norm``) before the levels.
+The library ships this config in ``nl_jax/configs/optimizers/delta_momentum.py``
+(compared by ``bench optimizers``); this file returns it so that ``--config
+experiments/optimizers/delta_momentum.py`` and ``from
+experiments.optimizers.delta_momentum import get_config`` keep working.
 """
 
-from experiments import base
-from experiments.optimizers import common
+from nl_jax.configs.optimizers import delta_momentum
 
 
 def get_config():
-    c = base.get_config()
-    c.levels = dict(default=dict(params=".*", every=1, optimizer=dict(
-        name="delta_momentum", learning_rate=0.3, momentum=0.9,
-        schedule=dict(common.WARMUP_COSINE))))
-    return c
+    return delta_momentum.get_config()

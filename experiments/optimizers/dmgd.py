@@ -1,12 +1,13 @@
-"""Deep Momentum GD (NL Eq. 50): an MLP momentum trained online on the gradients."""
+"""Deep Momentum GD (NL Eq. 50): an MLP momentum trained online on the gradients.
 
-from experiments import base
-from experiments.optimizers import common
+The library ships this config in ``nl_jax/configs/optimizers/dmgd.py`` (compared by
+``bench optimizers``); this file returns it so that ``--config
+experiments/optimizers/dmgd.py`` and ``from experiments.optimizers.dmgd import
+get_config`` keep working.
+"""
+
+from nl_jax.configs.optimizers import dmgd
 
 
 def get_config():
-    c = base.get_config()
-    c.levels = dict(default=dict(params=".*", every=1, optimizer=dict(
-        name="dmgd", learning_rate=0.1, momentum=0.9, hidden=8, mlp_lr_scale=1.0,
-        init_scale=1.0, schedule=dict(common.WARMUP_COSINE))))
-    return c
+    return dmgd.get_config()

@@ -5,8 +5,8 @@
   mlps     channel mixers (MLP / CMS)   AdamW   every 4 steps (mean gradient)
 """
 
-from experiments import base
-from experiments.optimizers import common
+from nl_jax.configs import base
+from nl_jax.configs.optimizers import common
 
 
 def get_config():

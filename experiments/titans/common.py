@@ -1,11 +1,11 @@
 """Shared shape of the Titans paper-scale configs (340m.py, 760m.py).
 
-Training recipe of Titans section 5.1 / NL_MATH.md section 6: Llama-2
+Training recipe of Titans section 5.1 / docs/equations.md section 6: Llama-2
 tokenizer (32K vocabulary), 4K training length, AdamW lr 4e-4 with cosine
 decay, weight decay 0.1, 0.5M-token batches (128 x 4096).
 """
 
-from experiments import base
+from nl_jax.configs import base
 
 
 def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int, mixer: str):

@@ -525,7 +525,7 @@ def parse(argv: list[str]):
                    if path == "kernel" else "")
             parser.error(f"--paths {path}: the {level} level has no {path} path{why}; "
                          f"its paths are {','.join(LEVEL_PATHS[level])}")
-    from kernels.linear_memory import BACKENDS
+    from nl_jax_kernels.linear_memory import BACKENDS
     if "kernel" in paths and jax.default_backend() not in BACKENDS:
         parser.error(f"--paths kernel: the memory kernel runs on TPUs and CUDA GPUs, not "
                      f"on {jax.default_backend()}; leave it out")

@@ -2,15 +2,15 @@
 
 Trains the same tiny byte-level LM (vocab 256, d_model 64, 2 layers, 64
 tokens x 8 sequences per step) with each optimizer config of
-``experiments/optimizers`` (AdamW, Muon, M3, delta momentum, DMGD) on the
+``nl_jax/configs/optimizers`` (AdamW, Muon, M3, delta momentum, DMGD) on the
 same token stream and the same token budget, on whatever device JAX has.
 Reports the final training loss (mean over the last 10% of steps), the
 median step time after compilation and its overhead against AdamW; with
 ``--json`` writes ``{"rows": [...]}`` and a PNG of the loss curves next to it.
 
 Tokens are the bytes of the first ``--max_bytes`` of the text (default: the
-files of ``experiments/base.py``'s ``data.train_files``, relative to the
-repository), so the benchmark needs no tokenizer.
+files of ``nl_jax/configs/base.py``'s ``data.train_files``, relative to the
+folder that holds the nl_jax package), so the benchmark needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
                            seed=args.seed)
     curves, rows = {}, []
     for name in names:
-        levels_cfg = importlib.import_module(f"experiments.optimizers.{name}").get_config().levels
+        module = importlib.import_module(f"nl_jax.configs.optimizers.{name}")
+        levels_cfg = module.get_config().levels
         run = tiny_lm.train_curve(levels_cfg, model_cfg, data, args.seed)
         losses, step_ms = run["losses"], run["step_ms"]
         tail = max(1, len(losses) // 10)

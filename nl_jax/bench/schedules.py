@@ -4,7 +4,7 @@ Update-frequency schedules of a Continuum Memory System (NL Eq. 70-73): the
 tiny byte-level LM of ``tiny_lm`` (attention mixer, vocab 256, d_model 64, 2
 layers, 64 bytes x 8 sequences per step) with a CMS channel mixer, one run
 per schedule, all on the same windows and the same outer optimizer (the
-AdamW of ``experiments/optimizers/adamw.py``).
+AdamW of ``nl_jax/configs/optimizers/adamw.py``).
 
 A schedule lists the CMS levels in order (the sequential chain, Eq. 73,
 unless ``--variant`` says otherwise), separated by commas; each level is
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
 
     seeds = [args.seed + 10 * i for i in range(args.seeds)]
     per_seed = {seed: windows(seed) for seed in seeds}
-    optimizer = importlib.import_module("experiments.optimizers.adamw").get_config(
+    optimizer = importlib.import_module("nl_jax.configs.optimizers.adamw").get_config(
     ).levels["default"]["optimizer"].to_dict()
     metrics = ["final_loss", "eval_loss"] + (
         ["eval_loss_mid", "forgetting", "eval_loss_shift"] if args.shift else [])

@@ -1,8 +1,8 @@
 """``python -m nl_jax bench throughput [--json PATH]``: training speed of every family.
 
-Transformer++ (``experiments/transformer/tiny.py``), Titans MAG
-(``experiments/titans/tiny.py``, ``model.mixer=titans_mag``) and Hope
-(``experiments/hope/tiny.py``), each with the same shape overrides (default:
+Transformer++ (``nl_jax/configs/transformer/tiny.py``), Titans MAG
+(``nl_jax/configs/titans/tiny.py``, ``model.mixer=titans_mag``) and Hope
+(``nl_jax/configs/hope/tiny.py``), each with the same shape overrides (default:
 d_model 256, 4 layers, 4 heads, d_ff 1024, the Llama-2 32K vocabulary, fp32;
 ``--override KEY=VALUE`` for others), over ``--lengths`` (default 512, 2048,
 8192) at a fixed number of tokens per step (``--tokens_per_step``, default
@@ -50,9 +50,9 @@ from nl_jax.bench.memory import int_list
 from nl_jax.errors import UserError
 
 MODELS = {    # name -> (config file, its own overrides)
-    "transformer": ("experiments/transformer/tiny.py", (("model.mixer", "attention"),)),
-    "titans_mag": ("experiments/titans/tiny.py", (("model.mixer", "titans_mag"),)),
-    "hope": ("experiments/hope/tiny.py", (("model.mixer", "self_modifying"),)),
+    "transformer": ("nl_jax/configs/transformer/tiny.py", (("model.mixer", "attention"),)),
+    "titans_mag": ("nl_jax/configs/titans/tiny.py", (("model.mixer", "titans_mag"),)),
+    "hope": ("nl_jax/configs/hope/tiny.py", (("model.mixer", "self_modifying"),)),
 }
 SHAPE = (("model.d_model", "256"), ("model.n_layers", "4"), ("model.n_heads", "4"),
          ("model.d_ff", "1024"), ("model.vocab_size", "32000"), ("model.dtype", "float32"))

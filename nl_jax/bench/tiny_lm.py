@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 import time
 
 import jax
@@ -18,19 +17,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from nl_jax.config import REPO_ROOT  # relative data paths of a config start here
+from nl_jax.configs import base
 from nl_jax.errors import DataError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # the configs live in the repository's experiments/
 
 BATCH, SEQ_LEN = 8, 64
 MIN_BYTES = 10_000
 
 
 def default_text_files(key: str = "train_files") -> list[str]:
-    """The files of ``experiments/base.py``'s ``data.<key>``, relative to the repository."""
-    from experiments import base
+    """The files of the base config's ``data.<key>`` (``nl_jax/configs/base.py``),
+    relative to the folder that holds the nl_jax package (found installed too)."""
     files = []
     for pattern in base.get_config().data[key]:
         files += sorted(glob.glob(os.path.join(REPO_ROOT, pattern)))
@@ -65,8 +62,7 @@ def batches(tokens: np.ndarray, steps: int, batch: int, seq_len: int, seed: int)
 
 
 def tiny_model_config():
-    """Transformer++ of ``experiments/base.py`` shrunk to d_model 64, 2 layers, vocab 256."""
-    from experiments import base
+    """Transformer++ of ``nl_jax/configs/base.py`` shrunk to d_model 64, 2 layers, vocab 256."""
     m = base.get_config().model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff = 256, 64, 2, 4, 192
     return m

@@ -11,7 +11,7 @@ linear output), so with the gate matrices of ``gates.py``:
     output: layer by layer, Z_0 = Q, Z_{l+1} = act(U_l), y = q + U_{L-1} with
             U_l = beta * (Z_l W_l^T) + f * (Z_l S_l^T) - ((Z_l X_l^T) * G) E_l
 
-(NL_MATH.md section 1 for the linear memory; for the MLP the TTT dual form,
+(docs/equations.md section 1 for the linear memory; for the MLP the TTT dual form,
 generalised by the momentum/decay gate matrix G: Titans Eq. 13-14 and 16-18
 layer by layer).  The errors are the objective's gradient back-propagated
 through the chunk-start map (Titans Eq. 12 for "l2"),

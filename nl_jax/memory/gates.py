@@ -1,6 +1,6 @@
 """Chunk gate matrices of the momentum + forgetting rule, in log space.
 
-Within a chunk (Titans Eq. 13-14 unrolled, NL_MATH.md section 1), with
+Within a chunk (Titans Eq. 13-14 unrolled, docs/equations.md section 1), with
 a_l = 1 - alpha_l and per-token step directions u_j taken at the chunk start:
 
     S_i = m_i S_0 - sum_{j<=i} Le[i, j] theta_j u_j

@@ -10,7 +10,7 @@ chunk-start state,
 (with ``spec.grad_clip`` = G > 0 each row E_j is then scaled by
 min(1, G / (|E_j| |k_j|)), the norm of token j's direction E_j k_j^T),
 
-and the state after a chunk is (gates.py, NL_MATH.md section 1)
+and the state after a chunk is (gates.py, docs/equations.md section 1)
 
     M^T <- b M_0^T + f S_0^T - K^T diag(G[end]) E,   S^T <- m S_0^T - K^T diag(Le[end] theta) E,
 
@@ -468,7 +468,7 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
     (``kernels/linear_memory.py``): the state-independent terms of every chunk
     are computed here at once (``chunk_terms``), the recurrence over chunks runs
     in the kernel with the state resident on chip.  Same arguments and results."""
-    from kernels.linear_memory import BACKENDS, ROWS, chunk_recurrence
+    from nl_jax_kernels.linear_memory import BACKENDS, ROWS, chunk_recurrence
 
     backend = jax.default_backend()
     if interpret is None and backend not in BACKENDS:

@@ -29,7 +29,7 @@ A CMS is a set of MLP levels, each with its own update period in TOKENS
   ``config.levels`` entry whose ``params`` regex selects
   ``.../mlp/levels/<i>/...`` and whose ``every`` is the period in steps.
 
-In-context objective (the "open point" of NL_MATH section 4), chosen here: the
+In-context objective (the "open point" of docs/equations.md section 4), chosen here: the
 L2 associative objective with self-generated values
 
     l(theta; x_t) = || MLP_theta(x_t) - vhat_t ||^2,

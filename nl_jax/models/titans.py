@@ -1,4 +1,4 @@
-"""Titans token mixers (arXiv:2501.00663 sections 3-4; NL_MATH.md section 1).
+"""Titans token mixers (arXiv:2501.00663 sections 3-4; docs/equations.md section 1).
 
   ``NeuralMemory`` / ``NeuralMemoryMixer`` (LMM)  the neural long-term memory
       alone: q, k, v projections -> depthwise causal conv -> SiLU, q and k

@@ -1,0 +1,1 @@
+"""Hope tiny (the default run of ``python -m nl_jax train``)."""

@@ -1,0 +1,1 @@
+"""Titans tiny."""
