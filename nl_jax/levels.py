@@ -435,12 +435,18 @@ def token_clock_levels(model_cfg, params) -> list[dict]:
             extra={k: titans._memory_dict(model_cfg).get(k)
                    for k in titans.TITANS_KEYS if k in titans._memory_dict(model_cfg)},
             count=count(r".*init_params/.*")))
-    if mixer == "self_modifying":
+    from nl_jax.models import baselines
+    presets = {"self_modifying": {}, "linear_attention": baselines.LinearAttention.PRESET,
+               "mamba2": baselines.Mamba2.PRESET, "deltanet": baselines.DeltaNet.PRESET,
+               "gated_deltanet": baselines.GatedDeltaNet.PRESET}
+    if mixer in presets:
         from nl_jax.models import self_modifying as sm
-        c = sm._config(model_cfg)
+        c = sm._config(model_cfg, presets[mixer])
         spec = sm.spec_from_options(c)
-        rule = ["gradient step"] + (["DGD (NL Eq. 88)"] if spec.dgd else []) + (
+        rule = ["gradient step"] + ([f"DGD ({spec.decay_form} form)"] if spec.dgd else []) + (
             ["momentum"] if spec.momentum else []) + (["decay alpha_t"] if spec.decay else [])
+        rule += [f"read {spec.read} the write",
+                 "step eta/C" if spec.step_scale == "chunk" else "step eta per token"]
         mapping = (f"mlp (hidden {c['hidden_mult']} x head_dim)" if c["memory"] == "mlp"
                    else "linear")
         for box in (*spec.adaptive, "memory"):
@@ -448,7 +454,8 @@ def token_clock_levels(model_cfg, params) -> list[dict]:
             out.append(dict(
                 name=f"self-modifying M_{box}", where="blocks/*/mixer/memories/" + box,
                 map=mapping,
-                objective=(c["objective"] + " to self-generated values M_" + box + "(v)"),
+                objective=(c["objective"] + (" to self-generated values M_" + box + "(v)"
+                                             if spec.generated_values else " to v_t")),
                 update=", ".join(rule), chunk=chunk, period=chunk,
                 inner_lr=f"eta_t = {c['lr']} * sigmoid(...) (adaptive)",
                 bounds=(f"inner gradient clip {c['grad_clip']}" if c["grad_clip"]

@@ -18,7 +18,7 @@ sigma = SiLU) or ``M(x) = W x`` (``memory="linear"``).  Initial states are
 outer-level parameters (``models/self_modifying.py``).  Objective
 ``L(M; k, vhat) = 1/2 ||M(k) - vhat||^2`` (``objective="l2"``, Eq. 93's scale)
 or ``-<M(k), vhat>`` (``"dot"``, Hebbian sign: the update adds
-``+eta vhat k^T``; Eq. 92 as transcribed in NL_MATH has the opposite sign).
+``+eta vhat k^T``; Eq. 92 as restated in docs/equations.md section 3 has the opposite sign).
 The target vhat is a constant of the inner gradient.
 
 Update (Eq. 88), applied to every linear layer W of every memory, with the
@@ -155,7 +155,8 @@ def _exclusive_cumsum(x: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(x[:1]), jnp.cumsum(x)[:-1]])
 
 
-def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True) -> dict:
+def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True,
+                     read_after: bool = False) -> dict:
     """The state-independent gate matrices of one chunk (log-space segment sums).
 
     They depend only on the chunk's decay and momentum gates, so one set serves
@@ -165,52 +166,66 @@ def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True) -> 
     ``nu`` the token mask (padding tokens do not add the momentum to W).  Every
     product is ``exp`` of a segment sum formed directly (``gates.segsum``, the
     engine's one construction; no difference of prefix sums).
+
+    The ``read_*`` terms place the reads: ``W_{t-1} q_t`` (``read_after``
+    False: the decay and momentum sums up to token t-1) or ``W_t q_t`` (up to
+    token t, the token's own write included).
     """
     d = jnp.exp(segsum(log_alpha))                   # D[t, s], s <= t
     dp = jnp.concatenate([jnp.zeros_like(d[:1]), d[:-1]])   # D[t-1, s], s < t
     d_last = d[-1]                                   # D[C-1, s]
-    terms = dict(dp=dp, d_last=d_last, gamma_prev=jnp.exp(_exclusive_cumsum(log_alpha)),
+    gamma_prev = jnp.exp(_exclusive_cumsum(log_alpha))
+    terms = dict(dp=dp, d_last=d_last, gamma_prev=gamma_prev,
                  gamma_last=jnp.exp(jnp.sum(log_alpha)))
+    read_d = d if read_after else dp
+    terms.update(read_d=read_d,
+                 read_gamma=jnp.exp(jnp.cumsum(log_alpha)) if read_after else gamma_prev)
     if not momentum:
-        return dict(terms, cmp=dp, cm_last=d_last)
+        return dict(terms, cmp=dp, cm_last=d_last, read_cm=read_d)
     lb = jnp.exp(segsum(log_beta))                   # Lb[s, r], r <= s
     m = jnp.exp(jnp.cumsum(log_beta))
     nu = jnp.ones_like(log_alpha) if valid is None else valid.astype(log_alpha.dtype)
-    dp_nu, d_last_nu = dp * nu[None, :], d_last * nu
+    dp_nu, d_last_nu, read_nu = dp * nu[None, :], d_last * nu, read_d * nu[None, :]
     return dict(terms, cmp=dp_nu @ lb, cm_last=d_last_nu @ lb, f_prev=dp_nu @ m,
                 f_last=d_last_nu @ m, lb_last=lb[-1],
-                beta_last=jnp.exp(jnp.sum(log_beta)))
+                beta_last=jnp.exp(jnp.sum(log_beta)),
+                read_cm=read_nu @ lb, read_f=read_nu @ m)
 
 
-def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool):
+def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_dgd=None):
     """One chunk of one layer's update, closed form (WY representation).
 
     Recurrence (per token t of the chunk, ``ahat, u`` from ``a, delta``):
         S_t = beta_t S_{t-1} - eta_t u_t ahat_t^T      (``s0`` None: S_t = -eta_t u_t ahat_t^T)
-        W_t = alpha_t W_{t-1} - [dgd] eta_t (W_{t-1} ahat_t) ahat_t^T + valid_t S_t
+        W_t = alpha_t W_{t-1} - [dgd] e_t (W_{t-1} ahat_t) ahat_t^T + valid_t S_t
+    with the preconditioner's step ``e_t = eta_dgd`` (default ``eta``; the
+    gated form alpha_t W_{t-1} (I - eta_t a a^T) passes ``alpha_t eta_t``).
     ``terms``: ``chunk_gate_terms`` of the chunk (with momentum iff ``s0`` is
-    given).  Padding tokens (``valid`` 0, with eta 0, alpha = beta = 1) leave W
-    and S unchanged.  Returns ``(W_{t-1} q_t for each query row, W_C, S_C)``.
+    given; its ``read_*`` terms say whether a query reads ``W_{t-1}`` or
+    ``W_t``).  Padding tokens (``valid`` 0, with eta 0, alpha = beta = 1) leave
+    W and S unchanged.  Returns ``(W_{t-1} q_t or W_t q_t for each query row,
+    W_C, S_C)``.
     """
     ahat, norm = _normalized(a)
     u = delta * norm                       # u_t ahat_t^T = delta_t a_t^T
     eu = eta[:, None] * u
+    eta_dgd = eta if eta_dgd is None else eta_dgd
     dp, gamma_prev, cmp_ = terms["dp"], terms["gamma_prev"], terms["cmp"]
     kk = ahat @ ahat.T
     if dgd:
         rhs = gamma_prev[:, None] * (ahat @ w0.T) - (cmp_ * kk) @ eu
         if s0 is not None:
             rhs = rhs + terms["f_prev"][:, None] * (ahat @ s0.T)
-        rhs = -eta[:, None] * rhs
-        wv = unit_lower_solve(eta[:, None] * dp * kk, rhs)
+        rhs = -eta_dgd[:, None] * rhs
+        wv = unit_lower_solve(eta_dgd[:, None] * dp * kk, rhs)
     out = None
     if queries is not None:
         qk = queries @ ahat.T
-        out = gamma_prev[:, None] * (queries @ w0.T) - (cmp_ * qk) @ eu
+        out = terms["read_gamma"][:, None] * (queries @ w0.T) - (terms["read_cm"] * qk) @ eu
         if s0 is not None:
-            out = out + terms["f_prev"][:, None] * (queries @ s0.T)
+            out = out + terms["read_f"][:, None] * (queries @ s0.T)
         if dgd:
-            out = out + (dp * qk) @ wv
+            out = out + (terms["read_d"] * qk) @ wv
     w_new = terms["gamma_last"] * w0 - (terms["cm_last"][:, None] * eu).T @ ahat
     if dgd:
         w_new = w_new + (terms["d_last"][:, None] * wv).T @ ahat
@@ -222,12 +237,14 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool):
 
 
 def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
-                 objective: str, dgd: bool, grad_clip: float = 0.0):
-    """One chunk of one memory: per-token reads ``M_{t-1}(q_t)`` and the new state.
+                 objective: str, dgd: bool, grad_clip: float = 0.0, eta_dgd=None):
+    """One chunk of one memory: per-token reads ``M_{t-1}(q_t)`` (or ``M_t(q_t)``,
+    as ``terms`` say) and the new state.
 
     ``terms``: the chunk's ``chunk_gate_terms``.  Each token's layer gradient
     ``delta a^T`` is clipped to Frobenius norm ``grad_clip``
-    (``|delta a^T|_F = |delta| |a|``).
+    (``|delta a^T|_F = |delta| |a|``).  ``eta_dgd``: the DGD preconditioner's
+    step (``dgd_layer_chunk``).
     """
     factors = layer_factors(kind, anchor, k, vhat, objective)
     factors = {name: (a, delta * clip_scale(
@@ -238,7 +255,8 @@ def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
     def run(name, q):
         a, delta = factors[name]
         out, new_cur[name], s = dgd_layer_chunk(
-            cur[name], None if mom is None else mom[name], a, delta, eta, terms, q, dgd)
+            cur[name], None if mom is None else mom[name], a, delta, eta, terms, q, dgd,
+            eta_dgd)
         if mom is not None:
             new_mom[name] = s
         return out
@@ -254,9 +272,12 @@ def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
 
 
 def oracle_memory_step(kind, cur, mom, anchor, k, vhat, eta, alpha, beta,
-                       objective: str, dgd: bool, grad_clip: float = 0.0):
+                       objective: str, dgd: bool, grad_clip: float = 0.0,
+                       gated: bool = False):
     """One token of Eq. 88 written plainly: grad at ``anchor`` (each layer's
-    clipped to Frobenius norm ``grad_clip``), explicit products."""
+    clipped to Frobenius norm ``grad_clip``), explicit products.  ``gated``:
+    the preconditioner is ``alpha (I - eta a a^T)`` (Gated DeltaNet) instead of
+    ``alpha I - eta a a^T`` (Eq. 88)."""
     grads = jax.grad(lambda w: objective_loss(memory_apply(kind, w, k), vhat,
                                               objective))(anchor)
     grads = {name: g * clip_scale(jnp.sum(g * g), grad_clip) for name, g in grads.items()}
@@ -271,7 +292,8 @@ def oracle_memory_step(kind, cur, mom, anchor, k, vhat, eta, alpha, beta,
         else:
             step = -eta * grads[name]
         if dgd:
-            precond = alpha * jnp.eye(w.shape[1]) - eta * jnp.outer(ahat, ahat)
+            eye, outer = jnp.eye(w.shape[1]), jnp.outer(ahat, ahat)
+            precond = alpha * (eye - eta * outer) if gated else alpha * eye - eta * outer
             new_cur[name] = w @ precond + step
         else:
             new_cur[name] = alpha * w + step
@@ -300,6 +322,21 @@ class SelfModifyingSpec:
       plain_vectors, plain_gates: the boxes given by plain projections.
       chunk: C of the adaptive memories; memory_chunk: C of the main memory.
       path: ``"chunked"`` (WY form, chunk scan) or ``"oracle"`` (per-token scan).
+      read: ``"before"``: y_t = M_{t-1}(q_t), the read precedes the token's own
+        write (Hope, NL Eq. 87); ``"after"``: y_t = M_t(q_t) (Titans Eq. 15,
+        DeltaNet, linear attention).
+      step_scale: ``"chunk"``: each memory's step is eta_t / C (a mean over
+        the chunk's gradients, the bound Hope's self-generated targets need);
+        ``"token"``: eta_t (the per-token rules of DeltaNet and linear
+        attention).
+      decay_form: with ``dgd``, ``"retention"``: W_{t-1} (alpha_t I - eta_t a
+        a^T) (NL Eq. 88); ``"gated"``: alpha_t W_{t-1} (I - eta_t a a^T) (Gated
+        DeltaNet, Yang et al. 2025, Eq. 10).
+      normalize_v: v_t is L2-normalised like k_t and q_t (Hope); off: the raw
+        value (DeltaNet, linear attention).
+      generated_values: the target is vhat_t = M_anchor(v_t), the memory's own
+        output (NL Eq. 84-86, self-generated values); off: v_t itself (a
+        state-independent target: the delta rule).
 
     Built from ``model.self_modifying`` by ``models.self_modifying.spec_from_options``,
     where the defaults live.
@@ -316,6 +353,23 @@ class SelfModifyingSpec:
     chunk: int
     memory_chunk: int
     path: str
+    read: str
+    step_scale: str
+    decay_form: str
+    normalize_v: bool
+    generated_values: bool
+
+    def step(self, eta: jax.Array, chunk: int) -> jax.Array:
+        """The per-token step of a memory updated in chunks of ``chunk`` tokens."""
+        return eta / chunk if self.step_scale == "chunk" else eta
+
+    def preconditioner_step(self, eta: jax.Array, log_alpha: jax.Array) -> jax.Array | None:
+        """The DGD preconditioner's step: ``eta`` (None) or ``alpha eta`` (gated)."""
+        return eta * jnp.exp(log_alpha) if self.decay_form == "gated" else None
+
+    def target(self, anchor, v: jax.Array) -> jax.Array:
+        """vhat: the memory's own output on v (self-generated) or v itself."""
+        return memory_apply(self.kind, anchor, v) if self.generated_values else v
 
     @property
     def plain_vectors(self) -> tuple[str, ...]:
@@ -394,7 +448,8 @@ def token_features(spec: SelfModifyingSpec, anchor, u, plain, readout):
     for box in VECTOR_BOXES:
         feats[box] = read[box] if box in spec.adaptive else plain[box]
     for box in VECTOR_BOXES:
-        feats[box] = l2_normalize(feats[box])
+        if box != "v" or spec.normalize_v:
+            feats[box] = l2_normalize(feats[box])
     logits = {}
     for box in GATE_BOXES:
         if box in spec.adaptive:
@@ -425,21 +480,21 @@ def oracle_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout)
         k, v, q, eta, log_alpha = token_features(spec, anc_o, u_t, plain_t, readout)
         alpha = jnp.exp(log_alpha)
         beta = None if lb_t is None else jnp.exp(lb_t)
-        y = memory_apply(spec.kind, cur_m, q)
+        gated = spec.decay_form == "gated"
+        y = memory_apply(spec.kind, cur_m, q)          # read before the write
         new_cur_o, new_mom_o = cur_o, mom_o
         if spec.adaptive:
             def update_box(cur, mom, anc):
-                vhat = memory_apply(spec.kind, anc, v)
-                return oracle_memory_step(spec.kind, cur, mom, anc, k, vhat, eta / c_o,
-                                          alpha,
-                                          beta, spec.objective, spec.dgd,
-                                          spec.grad_clip)
+                return oracle_memory_step(spec.kind, cur, mom, anc, k, spec.target(anc, v),
+                                          spec.step(eta, c_o), alpha, beta,
+                                          spec.objective, spec.dgd, spec.grad_clip, gated)
             new_cur_o, new_mom_o = jax.vmap(update_box)(cur_o, mom_o, anc_o)
-        vhat = memory_apply(spec.kind, anc_m, v)
-        cur_m, mom_m = oracle_memory_step(spec.kind, cur_m, mom_m, anc_m, k, vhat,
-                                          eta / c_m,
+        cur_m, mom_m = oracle_memory_step(spec.kind, cur_m, mom_m, anc_m, k,
+                                          spec.target(anc_m, v), spec.step(eta, c_m),
                                           alpha, beta, spec.objective, spec.dgd,
-                                          spec.grad_clip)
+                                          spec.grad_clip, gated)
+        if spec.read == "after":
+            y = memory_apply(spec.kind, cur_m, q)
         # The anchor (chunk-start state) moves when a chunk's last token is done.
         anc_o = _where_tree((pos + 1) % c_o == 0, new_cur_o, anc_o)
         anc_m = _where_tree((pos + 1) % c_m == 0, cur_m, anc_m)
@@ -486,12 +541,13 @@ def chunked_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout
         lb_k = jnp.where(valid_k, lb_k, 0.0)
         # One set of gate matrices for every layer of every adaptive memory.
         terms = chunk_gate_terms(log_alpha, lb_k, valid_k, spec.momentum)
+        step = spec.step(eta, spec.chunk)
+        step_dgd = spec.preconditioner_step(step, log_alpha)
 
         def update_box(cur_b, mom_b, anc_b):
-            vhat = memory_apply(spec.kind, anc_b, v)
             _, new_cur_b, new_mom_b = memory_chunk(
-                spec.kind, cur_b, mom_b, anc_b, k, vhat, None, eta / spec.chunk, terms,
-                spec.objective, spec.dgd, spec.grad_clip)
+                spec.kind, cur_b, mom_b, anc_b, k, spec.target(anc_b, v), None, step, terms,
+                spec.objective, spec.dgd, spec.grad_clip, step_dgd)
             return new_cur_b, new_mom_b
 
         new_cur, new_mom = jax.vmap(update_box)(cur, mom, anc)
@@ -513,23 +569,25 @@ def chunked_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout
 
     # The gates are known before the scan: mask the padding and build every
     # chunk's gate matrices at once, outside the sequential loop.
-    eta_c = jnp.where(valid_m, eta_c, 0.0) / spec.memory_chunk
+    eta_c = spec.step(jnp.where(valid_m, eta_c, 0.0), spec.memory_chunk)
     la_c = jnp.where(valid_m, la_c, 0.0)
     lb_c = jnp.where(valid_m, lb_c, 0.0)
-    terms_c = jax.vmap(lambda la, lb, valid: chunk_gate_terms(la, lb, valid, spec.momentum))(
-        la_c, lb_c, valid_m)
+    eta_dgd_c = spec.preconditioner_step(eta_c, la_c)
+    read_after = spec.read == "after"
+    terms_c = jax.vmap(lambda la, lb, valid: chunk_gate_terms(
+        la, lb, valid, spec.momentum, read_after))(la_c, lb_c, valid_m)
 
     def stage2(carry, inputs):
         cur, mom, anc = carry
-        k_k, v_k, q_k, eta_k, terms_k, complete_k = inputs
-        vhat = memory_apply(spec.kind, anc, v_k)
-        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, vhat, q_k, eta_k, terms_k,
-                                   spec.objective, spec.dgd, spec.grad_clip)
+        k_k, v_k, q_k, eta_k, eta_dgd_k, terms_k, complete_k = inputs
+        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, spec.target(anc, v_k), q_k,
+                                   eta_k, terms_k, spec.objective, spec.dgd, spec.grad_clip,
+                                   eta_dgd_k)
         anc = _where_tree(complete_k, cur, anc)
         return (cur, mom, anc), y
 
     mem, ys = jax.lax.scan(jax.checkpoint(stage2), tuple(state.main),
-                           (k_c, v_c, q_c, eta_c, terms_c, complete_m))
+                           (k_c, v_c, q_c, eta_c, eta_dgd_c, terms_c, complete_m))
     y = unchunk(ys, off_m)
     return y, SelfModifyingState(pos + t, MemoryTrack(*other), MemoryTrack(*mem))
 

@@ -7,7 +7,9 @@ The architecture is chosen by two config keys:
 
   ``model.mixer``  token mixer: ``attention`` (Transformer++), ``titans_lmm``,
                    ``titans_mag``, ``titans_mac``, ``titans_mal`` (Titans),
-                   ``self_modifying`` (Hope's self-modifying Titans);
+                   ``self_modifying`` (Hope's self-modifying Titans),
+                   ``linear_attention``, ``mamba2``, ``deltanet``,
+                   ``gated_deltanet`` (baselines on the same engine);
   ``model.mlp``    channel mixer: ``swiglu`` (a frozen MLP) or ``cms``
                    (Continuum Memory System).
 
@@ -40,6 +42,11 @@ MIXERS = {
     "titans_mac": "nl_jax.models.titans:MemoryAsContext",
     "titans_mal": "nl_jax.models.titans:MemoryAsLayer",
     "self_modifying": "nl_jax.models.self_modifying:SelfModifyingTitans",
+    # The papers' baselines: presets of the same engine (models/baselines.py).
+    "linear_attention": "nl_jax.models.baselines:LinearAttention",
+    "mamba2": "nl_jax.models.baselines:Mamba2",
+    "deltanet": "nl_jax.models.baselines:DeltaNet",
+    "gated_deltanet": "nl_jax.models.baselines:GatedDeltaNet",
 }
 MLPS = {
     "swiglu": "nl_jax.models.lm:swiglu_from_config",

@@ -26,7 +26,7 @@ this module projects, gates and holds the outer-level parameters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +43,20 @@ from nl_jax.memory.self_modifying import (
     apply_self_modifying,
     initial_state,
 )
-from nl_jax.models.layers import CausalConv, Dense, param
+from nl_jax.models.layers import CausalConv, Dense, RMSNorm, param
 from nl_jax.sharding import constrain, gather_memory_state, memory_state_axes
 
 DEFAULTS = dict(path="chunked", memory="mlp", objective="l2", chunk_size=32,
                 memory_chunk_size=16, hidden_mult=2, lr=1.0, conv_window=4,
                 dgd=True, momentum=True, weight_decay=True, adaptive_k=True,
                 adaptive_v=True, adaptive_q=False, adaptive_eta=True,
-                adaptive_alpha=True, grad_clip=0.25)
+                adaptive_alpha=True, grad_clip=0.25,
+                # The conventions that tell Hope's rule from the other
+                # associative memories (memory/self_modifying.SelfModifyingSpec):
+                read="before", step_scale="chunk", decay_form="retention",
+                normalize_v=True, generated_values=True, output_gate=False)
+CHOICES = dict(read=("before", "after"), step_scale=("chunk", "token"),
+               decay_form=("retention", "gated"))
 
 
 def spec_from_options(c: dict) -> SelfModifyingSpec:
@@ -62,21 +68,23 @@ def spec_from_options(c: dict) -> SelfModifyingSpec:
         kind=c["memory"], objective=c["objective"], dgd=c["dgd"], momentum=c["momentum"],
         decay=c["weight_decay"], lr=float(c["lr"]), grad_clip=float(c["grad_clip"]),
         adaptive=tuple(b for b in VECTOR_BOXES + GATE_BOXES if adaptive[b]),
-        chunk=c["chunk_size"], memory_chunk=c["memory_chunk_size"], path=c["path"])
+        chunk=c["chunk_size"], memory_chunk=c["memory_chunk_size"], path=c["path"],
+        read=c["read"], step_scale=c["step_scale"], decay_form=c["decay_form"],
+        normalize_v=c["normalize_v"], generated_values=c["generated_values"])
 
 
 # --------------------------------------------------------------------------
 # Module
 # --------------------------------------------------------------------------
 
-def _config(cfg) -> dict:
+def _config(cfg, preset: dict | None = None) -> dict:
     given = dict(cfg.get("self_modifying", None) or {})
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"model.self_modifying has unknown keys {unknown}; allowed: "
                           f"{sorted(DEFAULTS)}")
-    c = {**DEFAULTS, **given}
-    choices = dict(path=PATHS, memory=KINDS, objective=OBJECTIVES)
+    c = {**DEFAULTS, **(preset or {}), **given}
+    choices = dict(path=PATHS, memory=KINDS, objective=OBJECTIVES, **CHOICES)
     for key, allowed in choices.items():
         if c[key] not in allowed:
             raise ConfigError(f"model.self_modifying.{key}={c[key]!r}; choose one of "
@@ -89,12 +97,16 @@ def _config(cfg) -> dict:
     if not isinstance(c["lr"], (int, float)) or c["lr"] < 0:
         raise ConfigError(f"model.self_modifying.lr must be a number >= 0, got {c['lr']!r}")
     smallest = min(c["chunk_size"], c["memory_chunk_size"])
+    if c["step_scale"] == "token":
+        smallest = 1
     if c["lr"] > smallest:
         # eta_t / C <= 1 keeps the DGD factor alpha I - (eta/C) a a^T a contraction,
         # which the bound on the memory states relies on (module docstring).
-        raise ConfigError(f"model.self_modifying.lr={c['lr']} must be at most the smaller "
-                          f"chunk size ({smallest}): a per-token step eta/C above 1 makes "
-                          f"the DGD factor expanding and the memory states can diverge")
+        raise ConfigError(f"model.self_modifying.lr={c['lr']} must be at most "
+                          + ("1 (step_scale='token')" if c["step_scale"] == "token" else
+                             f"the smaller chunk size ({smallest})")
+                          + ": a per-token step above 1 makes the DGD factor expanding "
+                            "and the memory states can diverge")
     clip = c["grad_clip"]
     if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
         raise ConfigError(f"model.self_modifying.grad_clip must be a number >= 0 (0: no "
@@ -107,12 +119,18 @@ def _config(cfg) -> dict:
 
 
 class SelfModifyingTitans(nnx.Module):
-    """Hope's token mixer: ``y, state = mixer(x, state)`` (Eq. 83-93)."""
+    """Hope's token mixer: ``y, state = mixer(x, state)`` (Eq. 83-93).
+
+    ``PRESET``: options that subclasses (the baselines of
+    ``models/baselines.py``) put between ``DEFAULTS`` and the user's
+    ``model.self_modifying``.
+    """
 
     streams_exactly = True   # at any cut
+    PRESET: ClassVar[dict] = {}
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        c = _config(cfg)
+        c = _config(cfg, self.PRESET)
         self.spec = spec = spec_from_options(c)
         d, h = cfg.d_model, cfg.n_heads
         self.n_heads, self.head_dim = h, d // h
@@ -141,6 +159,10 @@ class SelfModifyingTitans(nnx.Module):
                                    use_bias=True, init=nnx.initializers.zeros)
             self.beta_proj.bias[...] = jnp.full((h,), 2.0, jnp.float32)
         self.wo = Dense(d, d, ("heads", "embed"), rngs=rngs, dtype=dtype)
+        # Output norm and gate (Gated DeltaNet): o = RMSNorm(y) * silu(x W_g).
+        self.out_gate = Dense(d, d, ("embed", "heads"), rngs=rngs, dtype=dtype) if c[
+            "output_gate"] else None
+        self.out_norm = RMSNorm(self.head_dim) if c["output_gate"] else None
 
         def memory_params():
             axes = memory_state_axes(3)
@@ -198,5 +220,8 @@ class SelfModifyingTitans(nnx.Module):
 
         y, mem_state = apply_self_modifying(self.spec, mem_state, u, plain, log_beta, readout,
                                             streaming)
+        if self.out_gate is not None:
+            gate = jax.nn.silu(self.out_gate(x).astype(jnp.float32)).reshape(b, t, h, dh)
+            y = self.out_norm(y) * gate
         y = constrain(y.reshape(b, t, h * dh).astype(x.dtype), ("batch", "length", "heads"))
         return self.wo(y), dict(conv=new_conv, memory=mem_state)

@@ -1,6 +1,6 @@
 """The task-loss teach signal: fast weights updated in context by the LM loss.
 
-NL section 4 leaves open the objective of an in-context level (NL_MATH.md
+NL section 4 leaves open the objective of an in-context level (docs/equations.md
 section 4, "open point"); the CMS levels use the L2 associative objective
 (``nl_jax/models/cms.py``).  This module offers the other choice: a set of
 weights selected by ``teach_signal.params`` (e.g. a frozen CMS level) becomes

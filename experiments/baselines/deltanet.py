@@ -1,0 +1,17 @@
+"""DeltaNet (the delta rule) tiny: a baseline of the papers, a preset of the one engine.
+
+The token mixer ``deltanet``
+(``nl_jax/models/baselines.py``: its recurrence, the paper's equation and the
+departures) with the frozen SwiGLU channel mixer of Transformer++ tiny, at the
+shapes of ``nl_jax/configs/base.py`` (d_model 128, 2 layers, 4 heads).  The
+mixer reads in chunks of 64 tokens; outputs do not depend on the chunk.
+"""
+
+from nl_jax.configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.model.mixer = "deltanet"
+    c.model.mlp = "swiglu"
+    return c
