@@ -131,32 +131,49 @@ def _restored_trainer(config, workdir: str, command: str):
 
 def cmd_eval(argv: list[str]) -> int:
     config, workdir, rest = _load_run(argv, "eval")
-    parser = argparse.ArgumentParser(prog="nl_jax eval")
+    parser = argparse.ArgumentParser(prog="nl_jax eval", add_help=False, exit_on_error=False)
     parser.add_argument("--files", nargs="+", help="held-out text files (globs)")
-    parser.add_argument("--batches", type=int, default=None)
-    args = parser.parse_args(rest)
+    parser.add_argument("--batches")
+    parser.add_argument("--tasks")
+    parser.add_argument("--limit")
+    parser.add_argument("--json")
+    parser.add_argument("--batch_size")
+    try:
+        args, unknown = parser.parse_known_args(rest)
+    except argparse.ArgumentError as e:
+        raise UserError(f"eval: {e}; see `python -m nl_jax eval --help`") from None
+    if unknown:
+        raise UserError(f"eval: unknown arguments {unknown}; see `python -m nl_jax eval --help`")
+    from nl_jax.eval import results as results_lib
+    if args.tasks is not None:
+        if args.files or args.batches is not None:
+            raise UserError("eval: --files and --batches are for the held-out loss; "
+                            "--tasks runs the bundled tasks (use one or the other)")
+        return results_lib.run_tasks(
+            config, workdir, spec=args.tasks,
+            limit=results_lib.positive_int("--limit", args.limit), json_path=args.json,
+            batch_size=results_lib.positive_int("--batch_size", args.batch_size),
+            overrides=[a for a in argv if a.startswith("--config")])
+    for flag in ("limit", "batch_size"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"eval: --{flag} goes with --tasks (the held-out loss takes "
+                            f"--batches N)")
     if args.files:
         config.data.eval_files = tuple(args.files)
     if args.batches is not None:
-        if args.batches < 1:
-            raise UserError(f"eval: --batches must be a positive integer, got {args.batches}")
-        config.train.eval_batches = args.batches
+        batches = results_lib.positive_int("--batches", args.batches)
+        config.train.eval_batches = batches
     if not config.train.eval_batches:
         raise UserError("eval: train.eval_batches is 0 in this run's config (no held-out "
                         "evaluation); pass --batches N")
+    results_lib.check_new_path(args.json)
     trainer = _restored_trainer(config, workdir, "eval")
-    result = {"step": int(trainer.state["step"]), **trainer.evaluate(),
-              "files": list(config.data.eval_files)}
+    step = int(trainer.state["step"])
+    result = {"step": step, **trainer.evaluate(), "files": list(config.data.eval_files)}
     print(json.dumps(result))
-    path = os.path.join(workdir, "eval.json")
-    try:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"eval: the result is printed above, but {path} cannot be written "
-                        f"({e.strerror}); make the workdir writable to keep it") from None
+    key = results_lib.heldout_key(step, config.data.eval_files, config.train.eval_batches)
+    for path in results_lib.save(workdir, key, result, args.json):
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -254,10 +271,26 @@ HELP = {
   --distributed         multi-process (TPU pod slices, SLURM, Open MPI), or
   --coordinator HOST:PORT --num_processes N --process_id I""",
     "eval": "usage: python -m nl_jax eval --workdir DIR [--files GLOB ...] [--batches N] "
-            "[--config FILE] [--config.KEY=VALUE ...]\n\nHeld-out loss and perplexity of "
-            "the latest checkpoint (printed, and written to DIR/eval.json)." + _RUN_CONFIG + """
+            "[--tasks TASKS [--limit N] [--batch_size N]] [--json PATH] [--config FILE] "
+            "[--config.KEY=VALUE ...]\n\nEvaluates the latest checkpoint: held-out loss and "
+            "perplexity (default), or zero-shot tasks with --tasks (lm-evaluation-harness "
+            "0.4.13 prompts and metrics, bundled data, nothing fetched).  Each result is "
+            "printed and written to a new file DIR/evals/step<S>-<what>-<settings>.json "
+            "(never overwritten)." + _RUN_CONFIG + """
   --files GLOB ...      held-out text files (default: the run's data.eval_files)
-  --batches N           number of batches (default: the run's train.eval_batches)""",
+  --batches N           number of batches (default: the run's train.eval_batches)
+  --tasks TASKS         comma-separated: lambada_openai, piqa, arc_easy, arc_challenge,
+                        boolq, winogrande, openbookqa, copa, wikitext, or paper (the
+                        bundled part of the papers' table; HellaSwag and SIQA are not
+                        bundled).  wikitext is the tokenized v1 test split: not
+                        comparable to published wikitext-2-raw numbers.  Prints the
+                        harness's table and {"tasks": {name: {metric: value}},
+                        "checkpoint_step", "seq_len"}
+  --limit N             the first N documents of each task
+  --batch_size N        rows per batch (default: fit about 512 MiB of logits)
+  --json PATH           also write the result here (a new file; never overwritten)
+  (the harness's own command line: python -m nl_jax.lm_eval --model_args workdir=DIR
+  --tasks ...; needs pip install 'nl_jax[lm_eval]')""",
     "generate": "usage: python -m nl_jax generate --workdir DIR [--prompt TEXT] "
                 "[--tokens N] [--temperature T] [--seed S] [--window] [--config FILE] "
                 "[--config.KEY=VALUE ...]\n\nSamples text from the latest checkpoint."
