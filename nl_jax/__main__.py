@@ -249,7 +249,7 @@ def cmd_tokenizer(argv: list[str]) -> int:
 
 
 _CONFIG = """
-  --config FILE[:ARG]   a config file with get_config() (default: experiments/hope/tiny.py)
+  --config FILE[:ARG]   a config file with get_config() (default: nl_jax/configs/hope/tiny.py)
   --config.KEY=VALUE    override a key of it, e.g. --config.train.steps=500"""
 _RUN_CONFIG = """
   --workdir DIR         the run's folder, made by `train` (required)
@@ -305,7 +305,7 @@ HELP = {
              "  checkpoint   what integrity checksums add to a checkpoint save and restore\n"
              "  memory       one token-clock memory level alone: oracle scan vs chunked "
              "form\n"
-             "  optimizers   the experiments/optimizers configs on a tiny byte-level LM\n"
+             "  optimizers   the nl_jax/configs/optimizers configs on a tiny byte-level LM\n"
              "  schedules    CMS update-frequency schedules on a tiny byte-level LM\n"
              "  throughput   training speed (tokens/s, step memory) of every family's "
              "tiny config\n\n"

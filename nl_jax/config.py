@@ -261,7 +261,7 @@ def check_known_keys(config: ml_collections.ConfigDict, source: str = "config") 
             problem = _type_error(key, value, example)
             if problem:
                 raise ConfigError(f"{source}: config key {key}={value!r}: {problem} "
-                                  f"(the type of experiments/base.py's value); fix it in "
+                                  f"(the type of nl_jax/configs/base.py's value); fix it in "
                                   f"the file")
             if key == "levels":
                 check_levels(value, source)

@@ -153,3 +153,32 @@ def test_usable_hbm_is_the_allocator_limit_or_the_nominal_share():
     assert usable_hbm_gib(device("NVIDIA H100 80GB HBM3", 50 * 2**30), local=True) == 50.0
     assert usable_hbm_gib(device("TPU v5p"), local=False) == 95
     assert usable_hbm_gib(device("cpu"), local=True) is None
+
+
+def test_preflight_compiles_exactly_the_step_training_runs(tmp_path):
+    """The trainer and the pre-flight build their step with one builder
+    (``aot.train_program``): lowered for the same batch on the same sharded
+    mesh, their StableHLO is identical."""
+    import hashlib
+
+    import jax
+
+    from nl_jax import config as config_lib
+    from nl_jax import configs
+    from nl_jax.train import aot
+    from nl_jax.train.loop import Trainer
+    config = config_lib.load_config_file(configs.path("transformer/tiny.py"))
+    config.mesh = dict(data=2, fsdp=2, tensor=2)
+    config.data.seq_len, config.data.batch_size = 32, 8
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.model.d_model, config.model.n_layers, config.model.d_ff = 32, 1, 64
+    devices = jax.devices()[:8]
+    trainer = Trainer(config, str(tmp_path / "run"), devices=devices, write_metrics=False)
+    program = aot.train_program(config, devices)
+    batch = aot.abstract_batch(config, program)
+
+    def fingerprint(step, state):
+        return hashlib.sha256(step.lower(state, batch).as_text().encode()).hexdigest()
+
+    assert (fingerprint(trainer.train_step, trainer.abstract_state)
+            == fingerprint(program.step, program.abstract_state))

@@ -9,6 +9,7 @@ import pytest
 
 from experiments import base
 from nl_jax.__main__ import main
+from nl_jax.train import step as step_lib
 from nl_jax.train.loop import Trainer, train
 
 STEPS = 6
@@ -195,7 +196,8 @@ def nan_from_step_3(make_train_step, metric: str, poison_params: bool = False):
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     from nl_jax.train import loop
 
-    monkeypatch.setattr(loop, "make_train_step", nan_from_step_3(loop.make_train_step, "loss"))
+    monkeypatch.setattr(step_lib, "make_train_step",
+                        nan_from_step_3(step_lib.make_train_step, "loss"))
     c = tiny_config(tmp_path, STEPS)
     c.train.log_every = 5           # the checkpoint step forces a finiteness check
     c.train.checkpoint_every = 2
@@ -223,8 +225,8 @@ def test_a_stop_signal_after_a_nan_gradient_saves_nothing(tmp_path, monkeypatch,
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(self, batch)
 
-    monkeypatch.setattr(loop, "make_train_step", nan_from_step_3(
-        loop.make_train_step, "grad_norm", poison_params=True))
+    monkeypatch.setattr(step_lib, "make_train_step", nan_from_step_3(
+        step_lib.make_train_step, "grad_norm", poison_params=True))
     monkeypatch.setattr(loop.Trainer, "device_batch", device_batch)
     c = tiny_config(tmp_path, 20)
     c.train.log_every = 10

@@ -64,24 +64,40 @@ def topology_devices(topology: str):
 
 
 class TrainProgram(NamedTuple):
-    """A config's jitted train step on a mesh, as the trainer builds it, without data.
+    """A config's jitted train and eval steps on a mesh, without data: the one
+    builder that ``train``, ``eval``/``generate`` (through the trainer) and the
+    ``aot`` pre-flight all use, so the pre-flight compiles what training runs.
 
     Attributes:
       mesh: the config's mesh over the given devices.
+      rules: the logical-axis rules (``config.sharding.rules``).
+      model_def: the model's graph and non-parameter variables.
       abstract_params: the parameters' shapes (``nnx.State`` of ShapeDtypeStructs).
       abstract_state: the train state's ShapeDtypeStructs, with their shardings.
+      shardings: the train state's shardings (a tree like the state).
       batch_sharding: the sharding of a ``[batch, seq_len]`` token array.
+      optimizer: the nested levels as one optax transform.
+      loss: the teach-signal loss, or None (the LM loss).
+      teach_paths: the weight arrays the teach signal updates in context.
       step: ``jax.jit`` of ``make_train_step`` (levels, frozen mask, teach
         signal), in/out shardings set, the state donated.
+      eval_step: ``jax.jit`` of ``make_eval_step`` on the parameters.
       init: allocates the initial state on the mesh (None for an abstract
         program, e.g. devices of a TPU topology description).
     """
 
     mesh: Any
+    rules: tuple
+    model_def: Any
     abstract_params: Any
     abstract_state: dict
+    shardings: Any
     batch_sharding: Any
+    optimizer: Any
+    loss: Any
+    teach_paths: list
     step: Any
+    eval_step: Any
     init: Callable[[], dict] | None
 
 
@@ -100,7 +116,7 @@ def train_program(config, devices, allocate: bool = False) -> TrainProgram:
         prepare_train_state,
         train_state_shardings,
     )
-    from nl_jax.train.step import make_train_step
+    from nl_jax.train.step import make_eval_step, make_train_step
 
     mesh = make_mesh(config.mesh, devices)
     rules = tuple(tuple(r) for r in config.sharding.rules)
@@ -117,14 +133,26 @@ def train_program(config, devices, allocate: bool = False) -> TrainProgram:
             config.model, optimizer, config.train.seed, mesh, rules)
     b_shard = batch_sharding(mesh, rules)
     frozen = levels_lib.frozen_mask(config.levels, abstract_params)
-    loss = (teach_lib.make_teach_loss(model_def, config, abstract_params)
-            if teach_lib.enabled(config) else None)
+    teach_paths, loss = [], None
+    if teach_lib.enabled(config):     # checked (one error line) before the loss is built
+        teach_paths = teach_lib.check(config, model_def.bind(abstract_params), abstract_params)
+        loss = teach_lib.make_teach_loss(model_def, config, abstract_params)
     step = jax.jit(make_train_step(model_def, optimizer, mesh, rules, levels_lib.level_metrics,
                                    frozen, loss=loss),
                    in_shardings=(shardings, b_shard),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    return TrainProgram(mesh, abstract_params, abstract_with_shardings(abstract_state, shardings),
-                        b_shard, step, init)
+    eval_step = jax.jit(make_eval_step(model_def, mesh, rules, loss),
+                        in_shardings=(shardings["params"], b_shard))
+    return TrainProgram(mesh, rules, model_def, abstract_params,
+                        abstract_with_shardings(abstract_state, shardings), shardings, b_shard,
+                        optimizer, loss, teach_paths, step, eval_step, init)
+
+
+def abstract_batch(config, program: TrainProgram) -> dict:
+    """ShapeDtypeStructs of one global batch, sharded as the step expects."""
+    shape = (config.data.batch_size, config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
+            for k in ("inputs", "targets")}
 
 
 def step_bytes(memory_analysis) -> int:
@@ -140,9 +168,8 @@ def preflight(config, topology: str) -> dict[str, Any]:
     config_lib.validate(config, len(devices))
     program = train_program(config, devices)
     shape = (config.data.batch_size, config.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
-             for k in ("inputs", "targets")}
-    compiled = program.step.lower(program.abstract_state, batch).compile()
+    compiled = program.step.lower(program.abstract_state,
+                                  abstract_batch(config, program)).compile()
     mem = compiled.memory_analysis()
     kind = devices[0].device_kind
     hbm = usable_hbm_gib(devices[0], local=topology == "local")

@@ -23,12 +23,10 @@ from nl_jax.errors import (
 )
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
-from nl_jax.train import teach as teach_lib
 from nl_jax.train.distributed import agreed_max, is_primary
 from nl_jax.train.lock import RunLock
-from nl_jax.train.mesh import batch_sharding, check_process_rows, make_mesh, replicated
-from nl_jax.train.state import abstract_model, count_params, prepare_train_state
-from nl_jax.train.step import make_eval_step, make_train_step
+from nl_jax.train.mesh import check_process_rows
+from nl_jax.train.state import count_params
 
 log = logging.getLogger("nl_jax")
 
@@ -49,7 +47,6 @@ class Trainer:
 
     def __init__(self, config, workdir: str, *, devices=None, write_metrics: bool = True,
                  purpose: str = "train", fresh_start: bool = False, lock: bool = False):
-        from nl_jax import levels as levels_lib
         from nl_jax.data.pipeline import build_eval_batches, build_train_iterator
         from nl_jax.data.tokenizer import load_tokenizer
 
@@ -73,41 +70,29 @@ class Trainer:
                 f"(vocab size {self.tokenizer.vocab_size}); set "
                 f"--config.model.vocab_size={self.tokenizer.vocab_size}")
 
-        self.mesh = make_mesh(config.mesh, self.devices)
-        self.rules = tuple(tuple(r) for r in config.sharding.rules)
-        _, abstract_params = abstract_model(config.model, config.train.seed)
-        self.abstract_params = abstract_params
-        self.optimizer = levels_lib.build_levels(
-            config.levels, abstract_params, total_steps=config.train.steps,
-            grad_clip_norm=float(config.train.grad_clip_norm))
+        # The one program builder (train/aot.py), shared with the pre-flight.
+        from nl_jax.train.aot import train_program
+        program = train_program(config, self.devices, allocate=True)
+        self.program = program
+        self.mesh, self.rules = program.mesh, program.rules
+        self.abstract_params = program.abstract_params
+        self.optimizer = program.optimizer
+        self.model_def, self.shardings = program.model_def, program.shardings
+        self.abstract_state = program.abstract_state
         # The state is allocated by maybe_restore: restored from a checkpoint, or
         # initialised when there is none (never both at once).
-        self.model_def, self.abstract_state, self.shardings, self._init_state = (
-            prepare_train_state(config.model, self.optimizer, config.train.seed,
-                                self.mesh, self.rules))
+        self._init_state = program.init
         self.state = None
         self.num_params = count_params(self.abstract_state["params"])
 
-        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        self.batch_sharding = program.batch_sharding
         check_process_rows(self.batch_sharding, config.data.batch_size, config.data.seq_len,
                            [d for d in self.mesh.devices.flat
                             if d.process_index == jax.process_index()],
                            jax.process_index(), jax.process_count())
-        self.teach_paths, self.loss = [], None
-        if teach_lib.enabled(config):
-            self.teach_paths = teach_lib.check(config, self.model_def.bind(abstract_params),
-                                               abstract_params)
-            self.loss = teach_lib.make_teach_loss(self.model_def, config, abstract_params)
-        step_fn = make_train_step(self.model_def, self.optimizer, self.mesh, self.rules,
-                                  levels_lib.level_metrics,
-                                  levels_lib.frozen_mask(config.levels, abstract_params),
-                                  loss=self.loss)
-        self.train_step = jax.jit(step_fn, in_shardings=(self.shardings, self.batch_sharding),
-                                  out_shardings=(self.shardings, replicated(self.mesh)),
-                                  donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.model_def, self.mesh, self.rules,
-                                                self.loss),
-                                 in_shardings=(self.shardings["params"], self.batch_sharding))
+        self.teach_paths, self.loss = program.teach_paths, program.loss
+        self.train_step = program.step
+        self.eval_step = program.eval_step
 
         self.data = (build_train_iterator(
             config.data, self.tokenizer, seed=config.train.seed, base_dir=root,
