@@ -147,6 +147,17 @@ def test_hope_matches_xla(unrolled_scans, part):
     assert_matches_xla(analytic, dots, cost)
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gated_deltanet"])
+def test_baselines_match_xla(unrolled_scans, mixer):
+    """The baselines' mixers (presets of Hope's): 2 chunks of 16, read after the
+    write, no self-generated values, the output gate (Gated DeltaNet)."""
+    config = small_config(f"experiments/baselines/{mixer}.py", **{
+        "data.seq_len": "32", "model.self_modifying.memory_chunk_size": "16"})
+    analytic = flops.self_modifying_flops(config.model, 32)
+    dots, cost = part_xla_flops(config, "mixer")
+    assert_matches_xla(analytic, dots, cost)
+
+
 def test_hlo_dot_flops_counts_a_known_program():
     def f(a, b, c):
         return jnp.tanh(a @ b) @ c, jnp.einsum("hij,hjk->hik", c[None].repeat(3, 0),

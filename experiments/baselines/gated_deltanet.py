@@ -14,4 +14,7 @@ def get_config():
     c = base.get_config()
     c.model.mixer = "gated_deltanet"
     c.model.mlp = "swiglu"
+    # The preset's own options (models/baselines.py); any other
+    # model.self_modifying key may be added here to override the preset.
+    c.model.self_modifying = dict(memory_chunk_size=64, conv_window=4)
     return c

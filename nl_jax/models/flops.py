@@ -278,9 +278,12 @@ def titans_mac_flops(m, t: int) -> float:
 # --------------------------------------------------------------------------
 
 def hope_options(m) -> dict:
-    """``model.self_modifying`` over the defaults of ``models/self_modifying.py``."""
+    """``model.self_modifying`` over the defaults of ``models/self_modifying.py``
+    and the preset of a baseline mixer (``models/baselines.py``)."""
+    from nl_jax.models import lm
     from nl_jax.models.self_modifying import DEFAULTS
-    return {**DEFAULTS, **dict(m.get("self_modifying", None) or {})}
+    preset = getattr(lm._resolve(lm.MIXERS, "mixer", m.mixer), "PRESET", {})
+    return {**DEFAULTS, **preset, **dict(m.get("self_modifying", None) or {})}
 
 
 def hope_boxes(o: dict) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -311,6 +314,18 @@ def hope_gate_terms(chunk: int, momentum: bool) -> tuple[float, float]:
             matmul(1, chunk, chunk) + matmul(1, chunk, 1))
 
 
+def unit_lower_inverse_flops(chunk: int) -> float:
+    """The block doubling of ``memory/triangular.unit_lower_inverse`` on a chunk
+    padded to the next power of two: at block size s, size / 2s pairs of two
+    s x s products, ``sum_s 2 size s^2`` in all (~ 2/3 C^3)."""
+    size = 1 << max(0, (chunk - 1).bit_length())
+    total, s = 0.0, 1
+    while s < size:
+        total += (size // (2 * s)) * 2 * matmul(s, s, s)
+        s *= 2
+    return total
+
+
 def hope_layer_chunk(chunk: int, n_out: int, n_in: int, o: dict, reads: bool,
                      memories: int = 1, shared_input: bool = False) -> tuple[float, float]:
     """(output, carry) work of one layer's WY-form chunk (NL Eq. 88) in
@@ -336,7 +351,7 @@ def hope_layer_chunk(chunk: int, n_out: int, n_in: int, o: dict, reads: bool,
         solve = ((1 if shared_input else memories) * gram
                  + memories * (matmul(chunk, n_in, n_out) + matmul(chunk, chunk, n_out)
                                + (matmul(chunk, n_in, n_out) if momentum else 0.0)
-                               + chunk * chunk * n_out))
+                               + chunk * chunk * n_out + unit_lower_inverse_flops(chunk)))
     update = memories * (1 + dgd + momentum) * matmul(n_out, chunk, n_in)
     if reads:
         return memories * read + solve, update
@@ -364,8 +379,8 @@ def hope_stage2_chunk(o: dict, head_dim: int) -> tuple[float, float]:
     """(output, carry) of one chunk of the main memory, one head."""
     c, layers = o["memory_chunk_size"], hope_map_layers(o, head_dim)
     inner, ends = hope_gate_terms(c, o["momentum"])
-    output = inner + map_forward(c, layers) + gradient_factors(c, layers,
-                                                               o["objective"] != "dot")
+    targets = map_forward(c, layers) if o["generated_values"] else 0.0   # vhat = M(v)
+    output = inner + targets + gradient_factors(c, layers, o["objective"] != "dot")
     carry = ends
     for n_out, n_in in layers:
         layer_output, layer_carry = hope_layer_chunk(c, n_out, n_in, o, reads=True)
@@ -381,7 +396,8 @@ def self_modifying_flops(m, t: int) -> float:
     adaptive, plain_vectors, plain_gates = hope_boxes(o)
     streams = len(plain_vectors) + (1 if adaptive else 0)
     gates = len(plain_gates) + (1 if o["momentum"] else 0)
-    projections = (streams + 1) * matmul(1, d, d) + gates * matmul(1, d, h)
+    projections = ((streams + 1 + bool(o["output_gate"])) * matmul(1, d, d)
+                   + gates * matmul(1, d, h))
     stage1 = chunked(t, o["chunk_size"], *hope_stage1_chunk(o, d // h))
     stage2 = chunked(t, o["memory_chunk_size"], *hope_stage2_chunk(o, d // h))
     return projections + h * (stage1 + stage2) / t
@@ -398,6 +414,11 @@ MIXER_FLOPS = {
     "titans_mac": titans_mac_flops,
     "titans_mal": titans_mal_flops,
     "self_modifying": self_modifying_flops,
+    # The baselines are presets of the same mixer (models/baselines.py).
+    "linear_attention": self_modifying_flops,
+    "mamba2": self_modifying_flops,
+    "deltanet": self_modifying_flops,
+    "gated_deltanet": self_modifying_flops,
 }
 MLP_FLOPS = {"swiglu": swiglu_flops, "cms": cms_flops}
 
