@@ -62,7 +62,8 @@ def test_bad_flags_exit_2(flags):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--level", "mamba"], "--level 'mamba': choose one of titans_linear,titans_mlp,hope,cms"),
+    (["--level", "mamba"], "--level 'mamba': choose one of titans_linear,titans_mlp,hope,cms,"
+                           "deltanet,gated_deltanet"),
     (["--level", "cms", "--paths", "oracle,chunked"],
      "--paths oracle: the cms level has no oracle path (no per-token oracle: its chunk is "
      "its period"),
@@ -93,7 +94,9 @@ def test_a_level_without_that_path_or_size_is_one_error_line(flags, message, cap
     ("hope", ["--heads", "2", "--dim", "8", "--chunk", "8", "--memory-chunk", "4",
               "--lengths", "20", "--paths", "oracle"], ("oracle",)),
     ("cms", ["--dim", "8", "--expansion", "2", "--chunk", "8", "--lengths", "20"],
-     ("chunked",))])
+     ("chunked",)),
+    ("gated_deltanet", ["--heads", "2", "--dim", "8", "--memory-chunk", "8",
+                        "--lengths", "20"], ("oracle", "chunked"))])
 def test_every_level_end_to_end(level, flags, paths, tmp_path, capsys, monkeypatch):
     """Tiny shapes, lengths that end inside a chunk; JSON rows carry the level."""
     monkeypatch.setattr(bench, "dense_matmul_gflops", lambda: 100.0)   # test_writes_...

@@ -108,21 +108,26 @@ B, H, D, C = 2, 4, 64, 64
 LENGTHS = (2048, 8192)
 PATHS = ("oracle", "chunked", "kernel")
 DEFAULT_PATHS = ("oracle", "chunked")
-LEVELS = ("titans_linear", "titans_mlp", "hope", "cms")
+LEVELS = ("titans_linear", "titans_mlp", "hope", "cms", "deltanet", "gated_deltanet")
+HOPE_ENGINE_LEVELS = ("hope", "deltanet", "gated_deltanet")   # memory/self_modifying.py
 LEVEL_PATHS = {"titans_linear": PATHS, "titans_mlp": DEFAULT_PATHS,
-               "hope": DEFAULT_PATHS, "cms": ("chunked",)}
+               "hope": DEFAULT_PATHS, "cms": ("chunked",), "deltanet": DEFAULT_PATHS,
+               "gated_deltanet": DEFAULT_PATHS}
 # Default shape of each level: batch b, heads h, head (cms: model) dim d, chunk c
 # (cms: the period), hidden width = expansion x d, Hope's main-memory chunk.
 SHAPES = {"titans_linear": dict(b=B, h=H, d=D, c=C),
           "titans_mlp": dict(b=2, h=4, d=64, c=64, expansion=4),
           "hope": dict(b=2, h=4, d=64, c=32, expansion=1, memory_chunk=16),
-          "cms": dict(b=2, d=256, c=32, expansion=4)}
+          "cms": dict(b=2, d=256, c=32, expansion=4),
+          "deltanet": dict(b=2, h=4, d=64, memory_chunk=64),
+          "gated_deltanet": dict(b=2, h=4, d=64, memory_chunk=64)}
 SHAPE_FLAGS = {"b": "batch", "h": "heads", "d": "dim", "c": "chunk",
                "expansion": "expansion", "memory_chunk": "memory-chunk"}
 SHAPE_KEYS = {"b": "B", "h": "H", "d": "d", "c": "C", "expansion": "expansion",
               "memory_chunk": "memory_C"}   # the JSON's "shape" names
 # oracle fwd_bwd rows are measured up to this T by default (0: no limit)
-ORACLE_BWD_MAX_LENGTH = {"titans_linear": 0, "titans_mlp": 2048, "hope": 2048, "cms": 0}
+ORACLE_BWD_MAX_LENGTH = {"titans_linear": 0, "titans_mlp": 2048, "hope": 2048, "cms": 0,
+                         "deltanet": 0, "gated_deltanet": 0}
 CMS_LR = 1e-2        # models/cms.py's default cms.lr
 SLOW_S = 1.0         # a first call this long is the row's only timed call
 
@@ -144,12 +149,20 @@ def titans_spec(kind: str, path: str, c: int, expansion: int = 2) -> MemorySpec:
                       dgd=False, mlp_expansion=expansion, chunk_size=c, path=path)
 
 
-def hope_spec(path: str, c: int, expansion: int, memory_chunk: int):
+def hope_spec(path: str, c: int, expansion: int, memory_chunk: int, level: str = "hope"):
     """(engine spec, model options) of Hope's memories: ``models/self_modifying.py``'s
-    defaults with MLP memories of hidden_mult ``expansion`` and the given chunks."""
+    defaults with MLP memories of hidden_mult ``expansion`` and the given chunks;
+    for a baseline level (``deltanet``, ``gated_deltanet``) its preset
+    (``models/baselines.py``: a linear memory, one chunk size ``memory_chunk``)."""
+    from nl_jax.models import lm
     from nl_jax.models.self_modifying import DEFAULTS, spec_from_options
-    options = {**DEFAULTS, "path": path, "memory": "mlp", "hidden_mult": expansion,
-               "chunk_size": c, "memory_chunk_size": memory_chunk}
+    if level == "hope":
+        options = {**DEFAULTS, "path": path, "memory": "mlp", "hidden_mult": expansion,
+                   "chunk_size": c, "memory_chunk_size": memory_chunk}
+    else:
+        preset = lm._resolve(lm.MIXERS, "mixer", level).PRESET
+        options = {**DEFAULTS, **preset, "path": path, "chunk_size": memory_chunk,
+                   "memory_chunk_size": memory_chunk}
     return spec_from_options(options), options
 
 
@@ -161,8 +174,8 @@ def level_flops(level: str, path: str, t: int, b: int, d: int, c: int, h: int = 
     if level == "titans_mlp":
         work = model_flops.chunked(t, c, *model_flops.titans_memory_chunk(
             titans_spec("mlp", path, c, expansion), c, d))
-    elif level == "hope":
-        options = hope_spec(path, c, expansion, memory_chunk)[1]
+    elif level in HOPE_ENGINE_LEVELS:
+        options = hope_spec(path, c, expansion, memory_chunk, level)[1]
         work = (model_flops.chunked(t, c, *model_flops.hope_stage1_chunk(options, d))
                 + model_flops.chunked(t, memory_chunk,
                                       *model_flops.hope_stage2_chunk(options, d)))
@@ -242,24 +255,29 @@ def titans_level(kind: str, path: str, t: int, b: int, h: int, d: int, c: int,
 
 
 def hope_level(path: str, t: int, b: int, h: int, d: int, c: int, expansion: int,
-               memory_chunk: int):
+               memory_chunk: int, level: str = "hope"):
     """(forward, outer-level weights, inputs) of Hope's self-modifying memories,
     built as ``models/self_modifying.py`` builds them: every memory's initial
     weights ``{"w1": [H, d, hidden], "w2": [H, hidden, d]}`` (its init scales),
     the adaptive gates' read-outs ``(r [H, d], b [H])``; inputs u and the plain
     q ``[B, T, H, d]``, the log momentum gate ``[B, T, H]``."""
-    spec = hope_spec(path, c, expansion, memory_chunk)[0]
+    spec = hope_spec(path, c, expansion, memory_chunk, level)[0]
     hidden = expansion * d
     rng = np.random.default_rng(t)
-    weights = {box: {"w2": normal(rng, (h, hidden, d), d ** -0.5),
-                     "w1": normal(rng, (h, d, hidden), 0.1 * hidden ** -0.5)}
-               for box in spec.adaptive + ("memory",)}
+    if spec.kind == "linear":
+        weights = {box: {"w": normal(rng, (h, d, d), d ** -0.5)}
+                   for box in spec.adaptive + ("memory",)}
+    else:
+        weights = {box: {"w2": normal(rng, (h, hidden, d), d ** -0.5),
+                         "w1": normal(rng, (h, d, hidden), 0.1 * hidden ** -0.5)}
+                   for box in spec.adaptive + ("memory",)}
     bias = {"eta": -2.0, "alpha": 4.0}
     readout = {box: (normal(rng, (h, d), d ** -0.5), np.full((h,), bias[box], np.float32))
                for box in hope_engine.GATE_BOXES if box in spec.adaptive}
     plain = {box: normal(rng, (b, t, h, d)) for box in spec.plain_vectors}
     plain.update({box: normal(rng, (b, t, h), shift=bias[box]) for box in spec.plain_gates})
-    log_beta = np.log(sigmoid(normal(rng, (b, t, h), shift=2.0)))
+    log_beta = (np.log(sigmoid(normal(rng, (b, t, h), shift=2.0))) if spec.momentum
+                else None)
 
     def forward(params, u, plain, log_beta):
         state = hope_engine.initial_state(spec, params["weights"], u.shape[0])
@@ -297,8 +315,8 @@ def level_setup(level: str, path: str, t: int, b: int, d: int, c: int, h: int = 
     the shape of the first input."""
     if level in ("titans_linear", "titans_mlp"):
         return titans_level(level.split("_")[1], path, t, b, h, d, c, expansion)
-    if level == "hope":
-        return hope_level(path, t, b, h, d, c, expansion, memory_chunk)
+    if level in HOPE_ENGINE_LEVELS:
+        return hope_level(path, t, b, h, d, c, expansion, memory_chunk, level)
     return cms_level(t, b, d, c, expansion)
 
 
