@@ -77,8 +77,10 @@ def run_published(name, args):
         w0, q, k, v, beta_logit, alpha_logit)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-@pytest.mark.parametrize("path", ["chunked", "oracle"])
+# Every preset on the chunked path; the per-token oracle path (read after the
+# write, the gated DGD factor) through the preset that uses every option.
+@pytest.mark.parametrize("name, path", [(name, "chunked") for name in sorted(PRESETS)]
+                         + [("gated_deltanet", "oracle")])
 def test_preset_equals_its_published_recurrence(name, path):
     args = inputs()
     spec = spec_of(name, path)
@@ -104,12 +106,11 @@ def test_preset_equals_its_published_recurrence(name, path):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=2e-5, err_msg=f"{name} d{label}")
 
 
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_streaming_equals_one_pass_at_any_cut(name):
+def test_streaming_equals_one_pass_at_any_cut():
     args = inputs(1)
-    spec = spec_of(name)
+    spec = spec_of("gated_deltanet")          # decay, DGD and gates: every option
     y, final = run_engine(spec, args)
-    for cut in (5, 16, 29):
+    for cut in (5, 29):                        # inside a chunk, near the end
         first = [args[0]] + [a[:, :cut] for a in args[1:]]
         second = [args[0]] + [a[:, cut:] for a in args[1:]]
         y1, state = run_engine(spec, first)
@@ -119,7 +120,7 @@ def test_streaming_equals_one_pass_at_any_cut(name):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", ["linear_attention", "gated_deltanet"])
 def test_the_mixer_is_causal_and_trains(name):
     cfg = ml_collections.ConfigDict(dict(d_model=16, n_heads=2, dtype="float32",
                                          self_modifying=dict(memory_chunk_size=4)))
