@@ -37,7 +37,7 @@ def _workdir(args_workdir: str | None, config) -> str:
         return args_workdir
     from nl_jax.config import REPO_ROOT
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{config.model.mixer}-{config.model.mlp}-{stamp}"
+    name = f"{str(config.model.mixer).replace(',', '+')}-{config.model.mlp}-{stamp}"
     return os.path.join(REPO_ROOT, "runs", name)
 
 

@@ -402,17 +402,9 @@ def step_clock_levels(levels_cfg, params, total_steps: int) -> list[dict]:
     return out
 
 
-def token_clock_levels(model_cfg, params) -> list[dict]:
-    """The in-context levels of the model (updated inside each sequence),
-    slowest first: Titans memories, Hope's self-modifying memories, CMS levels."""
-    paths = {p: _size(s) for p, s, _ in param_table(params)}
-
-    def count(pattern: str) -> int:
-        rx = re.compile(pattern)
-        return sum(n for p, n in paths.items() if rx.fullmatch(p))
-
+def _mixer_levels(model_cfg, mixer: str, count) -> list[dict]:
+    """The in-context levels of one token mixer (``token_clock_levels``)."""
     out = []
-    mixer, mlp = model_cfg.mixer, model_cfg.mlp
     if str(mixer).startswith("titans_"):
         from nl_jax.models import titans
         spec = titans.memory_spec_from_config(model_cfg)
@@ -461,6 +453,23 @@ def token_clock_levels(model_cfg, params) -> list[dict]:
                 bounds=(f"inner gradient clip {c['grad_clip']}" if c["grad_clip"]
                         else "none"),
                 count=count(rf"blocks/\d+/mixer/memories/{box}/.*")))
+    return out
+
+
+def token_clock_levels(model_cfg, params) -> list[dict]:
+    """The in-context levels of the model (updated inside each sequence),
+    slowest first: Titans memories, Hope's self-modifying memories, CMS levels."""
+    paths = {p: _size(s) for p, s, _ in param_table(params)}
+
+    def count(pattern: str) -> int:
+        rx = re.compile(pattern)
+        return sum(n for p, n in paths.items() if rx.fullmatch(p))
+
+    out = []
+    from nl_jax.models.lm import layer_mixers
+    mlp = model_cfg.mlp
+    for mixer in dict.fromkeys(layer_mixers(model_cfg)):   # each distinct layer mixer
+        out += _mixer_levels(model_cfg, mixer, count)
     if mlp == "cms":
         cms = _as_dict(model_cfg.get("cms") or {})
         periods = cms.get("periods", (FROZEN,))

@@ -135,3 +135,31 @@ def test_the_mixer_is_causal_and_trains(name):
     leaves = jax.tree.leaves(grads)
     assert leaves and all(np.isfinite(g).all() for g in leaves)
     assert sum(float(jnp.sum(jnp.abs(g))) > 0 for g in leaves) >= len(leaves) - 1
+
+
+def test_a_mixer_pattern_alternates_layers_samba_style():
+    """``model.mixer="mamba2,attention"``: layers cycle through the pattern (the
+    attention layers with their sliding window); FLOPs add up layer by layer;
+    a pattern that does not divide the layers is one ConfigError."""
+    from nl_jax import config as config_lib
+    from nl_jax.errors import ConfigError
+    from nl_jax.models import attention, flops, lm
+    config = config_lib.load_config_file("experiments/baselines/samba.py")
+    config.model.n_layers, config.model.d_model, config.model.d_ff = 4, 32, 64
+    model = nnx.eval_shape(lambda: lm.LanguageModel(config.model, rngs=nnx.Rngs(0)))
+    kinds = [type(block.mixer) for block in model.blocks]
+    assert kinds == [baselines.Mamba2, attention.CausalSelfAttention] * 2
+    assert model.blocks[1].mixer.window == 32
+    parts = flops.forward_flops_breakdown(config, 128)
+    per_layer = {}
+    for name in ("mamba2", "attention"):
+        one = ml_collections.ConfigDict(config.model.to_dict())
+        one.mixer = name
+        per_layer[name] = flops.MIXER_FLOPS[name](one, 128)
+    assert parts["mixer"] == pytest.approx(2 * per_layer["mamba2"] + 2 * per_layer["attention"])
+    config.model.n_layers = 3
+    with pytest.raises(ConfigError, match="multiple of it"):
+        lm.layer_mixers(config.model)
+    config.model.mixer = "mamba2,attenton"
+    with pytest.raises(ConfigError, match="'attenton' is not known"):
+        lm.layer_mixers(config.model)

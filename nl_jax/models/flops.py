@@ -77,6 +77,8 @@ from __future__ import annotations
 
 import math
 
+import ml_collections
+
 from nl_jax.errors import ConfigError
 
 TRAIN_MULTIPLIER = 3.0   # forward + backward (two products per forward product)
@@ -439,9 +441,14 @@ def forward_flops_breakdown(config, seq_len: int | None = None) -> dict[str, flo
     t = int(seq_len or config.data.seq_len)
     if t < 1:
         raise ConfigError(f"data.seq_len must be a positive integer, got {t}")
-    mixer = _counter(MIXER_FLOPS, "mixer", m.mixer)
+    from nl_jax.models.lm import layer_mixers
+    mixer_flops = 0.0
+    for name in layer_mixers(m):          # a pattern: each layer's own mixer
+        layer = ml_collections.ConfigDict(m.to_dict())
+        layer.mixer = name
+        mixer_flops += _counter(MIXER_FLOPS, "mixer", name)(layer, t)
     mlp = _counter(MLP_FLOPS, "mlp", m.mlp)
-    return {"mixer": m.n_layers * mixer(m, t), "mlp": m.n_layers * mlp(m, t),
+    return {"mixer": mixer_flops, "mlp": m.n_layers * mlp(m, t),
             "lm_head": matmul(1, m.d_model, m.vocab_size)}
 
 

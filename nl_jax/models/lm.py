@@ -14,7 +14,9 @@ The architecture is chosen by two config keys:
                    (Continuum Memory System).
 
 Transformer++ = attention + swiglu, Titans = titans_* + swiglu,
-Hope = self_modifying + cms, Hope-Attention = attention + cms.
+Hope = self_modifying + cms, Hope-Attention = attention + cms.  ``model.mixer``
+may also be a comma-separated pattern cycled over the layers
+(``"mamba2,attention"`` with ``attention_window``: Samba's layout).
 
 Every mixer is an ``nnx.Module`` built as ``Cls(cfg, rngs=rngs)`` from the
 ``config.model`` ConfigDict and called as ``y, state = mixer(x, state)``:
@@ -58,6 +60,22 @@ def swiglu_from_config(cfg, *, rngs: nnx.Rngs) -> SwiGLU:
     return SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=jnp.dtype(cfg.dtype))
 
 
+def layer_mixers(cfg) -> list[str]:
+    """The token mixer of each layer: ``model.mixer`` names one for every layer,
+    or a comma-separated pattern cycled over the layers (``"mamba2,attention"``:
+    Samba's alternation; the layer count must be a multiple of its length)."""
+    names = [n.strip() for n in str(cfg.mixer).split(",")]
+    if not all(names):
+        raise ConfigError(f"model.mixer={cfg.mixer!r}: a mixer name, or names separated "
+                          f"by commas (one per layer, cycled), e.g. 'mamba2,attention'")
+    for name in names:
+        _resolve(MIXERS, "mixer", name)
+    if cfg.n_layers % len(names):
+        raise ConfigError(f"model.mixer={cfg.mixer!r} is a pattern of {len(names)} mixers; "
+                          f"model.n_layers={cfg.n_layers} must be a multiple of it")
+    return [names[i % len(names)] for i in range(cfg.n_layers)]
+
+
 def _resolve(table: dict[str, str], key: str, name: str):
     if name not in table:
         raise ConfigError(f"model.{key}={name!r} is not known; choose one of "
@@ -69,9 +87,9 @@ def _resolve(table: dict[str, str], key: str, name: str):
 class Block(nnx.Module):
     """Pre-norm residual block: token mixer then channel mixer."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, mixer: str | None = None):
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = _resolve(MIXERS, "mixer", cfg.mixer)(cfg, rngs=rngs)
+        self.mixer = _resolve(MIXERS, "mixer", mixer or cfg.mixer)(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = _resolve(MLPS, "mlp", cfg.mlp)(cfg, rngs=rngs)
 
@@ -91,7 +109,8 @@ class LanguageModel(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.embed = param(rngs, nnx.initializers.normal(cfg.init_std),
                            (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, mixer=name)
+                                for name in layer_mixers(cfg)])
         remat = cfg.get("remat", False)
         if not isinstance(remat, bool):
             raise ConfigError(f"model.remat must be True or False, got {remat!r}")
