@@ -430,7 +430,8 @@ def _mixer_levels(model_cfg, mixer: str, count) -> list[dict]:
     from nl_jax.models import baselines
     presets = {"self_modifying": {}, "linear_attention": baselines.LinearAttention.PRESET,
                "mamba2": baselines.Mamba2.PRESET, "deltanet": baselines.DeltaNet.PRESET,
-               "gated_deltanet": baselines.GatedDeltaNet.PRESET}
+               "gated_deltanet": baselines.GatedDeltaNet.PRESET,
+               "ttt_linear": baselines.TTTLinear.PRESET}
     if mixer in presets:
         from nl_jax.models import self_modifying as sm
         c = sm._config(model_cfg, presets[mixer])
@@ -440,7 +441,7 @@ def _mixer_levels(model_cfg, mixer: str, count) -> list[dict]:
         rule += [f"read {spec.read} the write",
                  "step eta/C" if spec.step_scale == "chunk" else "step eta per token"]
         mapping = (f"mlp (hidden {c['hidden_mult']} x head_dim)" if c["memory"] == "mlp"
-                   else "linear")
+                   else {"linear": "linear", "linear_ln": "x + LN(W x)"}[c["memory"]])
         for box in (*spec.adaptive, "memory"):
             chunk = c["memory_chunk_size"] if box == "memory" else c["chunk_size"]
             out.append(dict(

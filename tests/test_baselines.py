@@ -14,7 +14,8 @@ from nl_jax.models import baselines
 from nl_jax.models.self_modifying import DEFAULTS, spec_from_options
 
 PRESETS = {"linear_attention": baselines.LinearAttention, "mamba2": baselines.Mamba2,
-           "deltanet": baselines.DeltaNet, "gated_deltanet": baselines.GatedDeltaNet}
+           "deltanet": baselines.DeltaNet, "gated_deltanet": baselines.GatedDeltaNet,
+           "ttt_linear": baselines.TTTLinear}
 B, T, H, D, C = 2, 37, 2, 8, 8          # T not a multiple of the chunk C
 
 
@@ -22,8 +23,32 @@ def l2n(x):
     return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)
 
 
+def ttt_linear_published(w0, q, k, v, eta_logit):
+    """TTT-Linear (Sun et al. 2024) on one head: mini-batches of C tokens, every
+    gradient of a mini-batch at its start weights, f(x) = x + LN(W x)."""
+    def ln(z):
+        centred = z - jnp.mean(z)
+        return centred / jnp.sqrt(jnp.mean(centred * centred) + 1e-6)
+
+    def loss(m, k_t, v_t):
+        return 0.5 * jnp.sum((k_t + ln(m @ k_t) - v_t) ** 2)
+
+    def step(carry, inputs):
+        w, w_start, t = carry
+        q_t, k_t, v_t, eta_t = inputs
+        w = w - eta_t * jax.grad(loss)(w_start, k_t, v_t)   # gradient at the batch start
+        w_start = jnp.where((t + 1) % C == 0, w, w_start)    # the next mini-batch starts
+        return (w, w_start, t + 1), q_t + ln(w @ q_t)
+
+    (w, _, _), out = jax.lax.scan(step, (w0, w0, 0),
+                                  (l2n(q), l2n(k), v, jax.nn.sigmoid(eta_logit)))
+    return out, w
+
+
 def published(name, w0, q, k, v, beta_logit, alpha_logit):
     """One head of one sequence, token by token, from the papers' recurrences."""
+    if name == "ttt_linear":
+        return ttt_linear_published(w0, q, k, v, beta_logit)
     q, k = l2n(q), l2n(k)
     beta, alpha = jax.nn.sigmoid(beta_logit), jax.nn.sigmoid(alpha_logit)
     eye = jnp.eye(D)
@@ -84,8 +109,8 @@ def run_published(name, args):
 def test_preset_equals_its_published_recurrence(name, path):
     args = inputs()
     spec = spec_of(name, path)
-    y, state = run_engine(spec, args)
-    ref, w_final = run_published(name, args)
+    y, state = jax.jit(lambda *a: run_engine(spec, a))(*args)
+    ref, w_final = jax.jit(lambda *a: run_published(name, a))(*args)
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(state.main.current["w"], w_final, rtol=2e-5, atol=2e-5)
 
@@ -97,8 +122,8 @@ def test_preset_equals_its_published_recurrence(name, path):
     def loss_ref(*a):
         return jnp.sum(run_published(name, a)[0] * probe)
 
-    grads = jax.grad(loss_engine, argnums=tuple(range(6)))(*args)
-    expected = jax.grad(loss_ref, argnums=tuple(range(6)))(*args)
+    grads = jax.jit(jax.grad(loss_engine, argnums=tuple(range(6))))(*args)
+    expected = jax.jit(jax.grad(loss_ref, argnums=tuple(range(6))))(*args)
     labels = ("w0", "q", "k", "v", "beta", "alpha")
     for label, g, e in zip(labels, grads, expected, strict=True):
         if label == "alpha" and not spec.decay:
@@ -109,12 +134,13 @@ def test_preset_equals_its_published_recurrence(name, path):
 def test_streaming_equals_one_pass_at_any_cut():
     args = inputs(1)
     spec = spec_of("gated_deltanet")          # decay, DGD and gates: every option
-    y, final = run_engine(spec, args)
+    run = jax.jit(run_engine, static_argnums=0, static_argnames="streaming")
+    y, final = run(spec, args)
     for cut in (5, 29):                        # inside a chunk, near the end
         first = [args[0]] + [a[:, :cut] for a in args[1:]]
         second = [args[0]] + [a[:, cut:] for a in args[1:]]
-        y1, state = run_engine(spec, first)
-        y2, state = run_engine(spec, second, state=state, streaming=True)
+        y1, state = run(spec, first)
+        y2, state = run(spec, second, state=state, streaming=True)
         np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state.main.current["w"], final.main.current["w"],
                                    rtol=1e-5, atol=1e-5)

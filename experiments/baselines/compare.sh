@@ -1,5 +1,5 @@
 #!/bin/bash
-# Transformer++, the engine's baselines, Titans MAG and Hope at tiny scale: the
+# Transformer++, the engine's baselines (and Samba-style), Titans MAG and Hope at tiny scale: the
 # same data, steps and tokens, parameters matched within 10%; prints each
 # run's final line (held-out loss, tokens/s).  docs/benchmarks.md "Baselines at
 # tiny scale".  Usage: bash experiments/baselines/compare.sh [OUT_DIR]
@@ -26,3 +26,5 @@ run gated_deltanet --config experiments/baselines/gated_deltanet.py
 run titans_mag --config experiments/titans/tiny.py --config.model.mixer=titans_mag \
     --config.model.d_ff=320
 run hope --config experiments/hope/tiny.py --config.model.d_ff=192
+run samba --config experiments/baselines/samba.py
+run ttt_linear --config experiments/baselines/ttt_linear.py

@@ -264,7 +264,7 @@ def hope_level(path: str, t: int, b: int, h: int, d: int, c: int, expansion: int
     spec = hope_spec(path, c, expansion, memory_chunk, level)[0]
     hidden = expansion * d
     rng = np.random.default_rng(t)
-    if spec.kind == "linear":
+    if spec.kind in ("linear", "linear_ln"):
         weights = {box: {"w": normal(rng, (h, d, d), d ** -0.5)}
                    for box in spec.adaptive + ("memory",)}
     else:

@@ -102,7 +102,7 @@ from nl_jax.memory.triangular import unit_lower_solve
 EPS = 1e-6
 VECTOR_BOXES = ("k", "v", "q")
 GATE_BOXES = ("eta", "alpha")
-KINDS = ("mlp", "linear")
+KINDS = ("mlp", "linear", "linear_ln")
 OBJECTIVES = ("l2", "dot")
 PATHS = ("chunked", "oracle")
 
@@ -111,10 +111,21 @@ PATHS = ("chunked", "oracle")
 # Memories on explicit weights (one head, one sequence).
 # --------------------------------------------------------------------------
 
+def layer_norm(z: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis without learned parameters (the map of
+    TTT-Linear, Sun et al. 2024: f(x) = x + LN(W x))."""
+    mean = jnp.mean(z, -1, keepdims=True)
+    centred = z - mean
+    return centred * jax.lax.rsqrt(jnp.mean(centred * centred, -1, keepdims=True) + eps)
+
+
 def memory_apply(kind: str, w: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """M(x) for ``x [..., D]``: ``W x`` or ``x + W1 silu(W2 x)`` (Eq. 89/91)."""
+    """M(x) for ``x [..., D]``: ``W x``, ``x + LN(W x)`` (``linear_ln``, TTT-Linear)
+    or ``x + W1 silu(W2 x)`` (Eq. 89/91)."""
     if kind == "linear":
         return x @ w["w"].T
+    if kind == "linear_ln":
+        return x + layer_norm(x @ w["w"].T)
     return x + jax.nn.silu(x @ w["w2"].T) @ w["w1"].T
 
 
@@ -137,6 +148,10 @@ def layer_factors(kind: str, w, k: jax.Array, vhat: jax.Array, objective: str):
     """
     if kind == "linear":
         return {"w": (k, objective_error(k @ w["w"].T, vhat, objective))}
+    if kind == "linear_ln":
+        out, ln_vjp = jax.vjp(lambda z: k + layer_norm(z), k @ w["w"].T)
+        (delta,) = ln_vjp(objective_error(out, vhat, objective))
+        return {"w": (k, delta)}
     z = k @ w["w2"].T
     h, silu_vjp = jax.vjp(jax.nn.silu, z)
     err = objective_error(k + h @ w["w1"].T, vhat, objective)
@@ -263,6 +278,10 @@ def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
 
     if kind == "linear":
         out = run("w", queries)
+    elif kind == "linear_ln":
+        out = run("w", queries)
+        if queries is not None:
+            out = queries + layer_norm(out)
     else:
         hidden = run("w2", queries)
         out = run("w1", None if queries is None else jax.nn.silu(hidden))
@@ -281,7 +300,7 @@ def oracle_memory_step(kind, cur, mom, anchor, k, vhat, eta, alpha, beta,
     grads = jax.grad(lambda w: objective_loss(memory_apply(kind, w, k), vhat,
                                               objective))(anchor)
     grads = {name: g * clip_scale(jnp.sum(g * g), grad_clip) for name, g in grads.items()}
-    inputs = {"w": k} if kind == "linear" else {
+    inputs = {"w": k} if kind in ("linear", "linear_ln") else {
         "w2": k, "w1": jax.nn.silu(anchor["w2"] @ k)}
     new_cur, new_mom = {}, ({} if mom is not None else None)
     for name, w in cur.items():
@@ -309,7 +328,8 @@ class SelfModifyingSpec:
     """One self-modifying Titans layer's memories (NL Eq. 83-93).
 
     Attributes:
-      kind: ``"mlp"`` (M(x) = x + W1 silu(W2 x), Eq. 89/91) or ``"linear"``.
+      kind: ``"mlp"`` (M(x) = x + W1 silu(W2 x), Eq. 89/91), ``"linear"`` or
+        ``"linear_ln"`` (M(x) = x + LN(W x), TTT-Linear).
       objective: ``"l2"`` (1/2 ||M(k) - vhat||^2, Eq. 93) or ``"dot"``.
       dgd: the DGD preconditioner (Eq. 88) in its exact per-token WY form.
       momentum: S_t = beta_t S_{t-1} - eta_t grad_t (retention-style momentum

@@ -33,7 +33,17 @@ the token's write, ``o_t = W_t q_t``; per-token gates from plain projections,
   (``decay_form="gated"``).  Departure: alpha_t = sigmoid(.) instead of the
   Mamba2-style exp(-softplus(.) exp(A)).
 
-The chunk size (``memory_chunk_size``) changes no output of these presets:
+* ``TTTLinear`` (Sun et al. 2024, TTT layer with f(x) = x + LN(W x)):
+  mini-batch gradient descent on ``l(W; k_t, v_t) = 1/2 ||f(k_t) - v_t||^2``
+  over chunks of ``memory_chunk_size`` tokens (the TTT mini-batch b): every
+  gradient of a chunk is taken at its start state W_0,
+  ``W_t = W_{t-1} - eta_t grad l(W_0; k_t, v_t)``, ``o_t = q_t + LN(W_t q_t)``
+  (read after the write), with the learned inner step ``eta_t =
+  sigmoid(x_t w_eta + b)``.  Departures: q, k L2-normalised, the LayerNorm
+  without learned scale and bias, the 1/2 in the loss (a factor 2 in eta),
+  no bias in f.  Here the chunk size changes outputs: it is the mini-batch.
+
+The chunk size (``memory_chunk_size``) changes no output of the other presets:
 with a state-independent target and no step scaling the chunked WY form is
 the per-token recurrence exactly.  Any ``model.self_modifying`` key given in
 the config overrides the preset (e.g. ``path="oracle"``).
@@ -75,3 +85,11 @@ class GatedDeltaNet(SelfModifyingTitans):
 
     PRESET: ClassVar[dict] = dict(_LINEAR, dgd=True, weight_decay=True,
                                   decay_form="gated", output_gate=True)
+
+
+class TTTLinear(SelfModifyingTitans):
+    """Mini-batch GD on ``1/2 ||k + LN(W k) - v||^2`` (gradient at the chunk start)."""
+
+    PRESET: ClassVar[dict] = dict(_LINEAR, memory="linear_ln", objective="l2", dgd=False,
+                                  weight_decay=False, memory_chunk_size=16, chunk_size=16)
+

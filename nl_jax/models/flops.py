@@ -301,7 +301,7 @@ def hope_boxes(o: dict) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ..
 
 def hope_map_layers(o: dict, head_dim: int) -> list[tuple[int, int]]:
     """``[(out, in), ...]`` in application order: ``W x`` or ``x + W1 silu(W2 x)``."""
-    if o["memory"] == "linear":
+    if o["memory"] in ("linear", "linear_ln"):
         return [(head_dim, head_dim)]
     hidden = o["hidden_mult"] * head_dim
     return [(hidden, head_dim), (head_dim, hidden)]
@@ -421,6 +421,7 @@ MIXER_FLOPS = {
     "mamba2": self_modifying_flops,
     "deltanet": self_modifying_flops,
     "gated_deltanet": self_modifying_flops,
+    "ttt_linear": self_modifying_flops,
 }
 MLP_FLOPS = {"swiglu": swiglu_flops, "cms": cms_flops}
 

@@ -9,7 +9,8 @@ The architecture is chosen by two config keys:
                    ``titans_mag``, ``titans_mac``, ``titans_mal`` (Titans),
                    ``self_modifying`` (Hope's self-modifying Titans),
                    ``linear_attention``, ``mamba2``, ``deltanet``,
-                   ``gated_deltanet`` (baselines on the same engine);
+                   ``gated_deltanet``, ``ttt_linear`` (baselines on the same
+                   engine);
   ``model.mlp``    channel mixer: ``swiglu`` (a frozen MLP) or ``cms``
                    (Continuum Memory System).
 
@@ -49,6 +50,7 @@ MIXERS = {
     "mamba2": "nl_jax.models.baselines:Mamba2",
     "deltanet": "nl_jax.models.baselines:DeltaNet",
     "gated_deltanet": "nl_jax.models.baselines:GatedDeltaNet",
+    "ttt_linear": "nl_jax.models.baselines:TTTLinear",
 }
 MLPS = {
     "swiglu": "nl_jax.models.lm:swiglu_from_config",

@@ -166,7 +166,7 @@ class SelfModifyingTitans(nnx.Module):
 
         def memory_params():
             axes = memory_state_axes(3)
-            if spec.kind == "linear":
+            if spec.kind in ("linear", "linear_ln"):
                 # Identity plus noise: with an exact identity every adaptive
                 # memory would follow the same trajectory (same self-generated
                 # values), so k, v, eta, alpha would stay tied forever.
