@@ -30,6 +30,15 @@ first 80% of the bundled WikiText-2 text); rows add ``eval_loss_mid`` (the
 fiction held-out loss after the first half), ``forgetting`` (``eval_loss``
 at the end minus ``eval_loss_mid``) and ``eval_loss_shift`` (held-out loss on
 the last 20% of the second text).
+
+``--config FILE --grid KEY=V1;V2 ... --steps N --out DIR [--config.KEY=VALUE]``:
+a sweep on any config instead of the toy model (``nl_jax/bench/sweep.py``):
+every point of the grids trains as a real run of the config, with a resumable
+``--out DIR`` and CSV, JSON and PNG results, e.g.::
+
+    python -m nl_jax bench schedules --config experiments/hope/tiny.py \
+        --grid 'model.cms.periods=(32,"never");(16,64,"never")' \
+        --grid 'levels.default.every=1;4' --steps 60 --out runs/sweeps/hope_cms
 """
 
 from __future__ import annotations
@@ -101,11 +110,25 @@ def levels_config(optimizer: dict, levels: list) -> dict:
     return config
 
 
+def is_sweep(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for a sweep on a config (``nl_jax/bench/sweep.py``)."""
+    return any(a in ("--config", "--grid", "--out") or a.startswith(
+        ("--config=", "--config.", "--grid=", "--out=")) for a in argv)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nl_jax bench schedules",
-                                     description=__doc__.splitlines()[0])
+    if is_sweep(argv) and not any(a in ("-h", "--help") for a in argv):
+        from nl_jax.bench import sweep
+        return sweep.main(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m nl_jax bench schedules", description=__doc__.splitlines()[0],
+        epilog="A sweep on any config: --config FILE --grid 'KEY=V1;V2' [--grid ...] "
+               "--steps N --out DIR [--config.KEY=VALUE ...] (see nl_jax/bench/sweep.py)")
     parser.add_argument("--json", default=None, help="write the rows here (and a PNG beside)")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--config", default=None,
+                        help="sweep this config file instead of the toy model (with --grid, "
+                             "--out; see the epilog)")
     parser.add_argument("--schedules", default=DEFAULT_SCHEDULES,
                         help=f"';'-separated schedules (default {DEFAULT_SCHEDULES!r})")
     parser.add_argument("--variant", default="sequential",
