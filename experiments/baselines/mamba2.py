@@ -1,20 +1,10 @@
-"""Mamba2 (SSD-style scalar decay) tiny: a baseline of the papers, a preset of the one engine.
+"""Mamba2 (SSD-style scalar decay) tiny config (experiments/baselines/common.py).
 
-The token mixer ``mamba2``
-(``nl_jax/models/baselines.py``: its recurrence, the paper's equation and the
-departures) with the frozen SwiGLU channel mixer of Transformer++ tiny, at the
-shapes of ``nl_jax/configs/base.py`` (d_model 128, 2 layers, 4 heads).  The
-mixer reads in chunks of 64 tokens; outputs do not depend on the chunk.
+Reads in chunks of 64 tokens; outputs do not depend on the chunk.
 """
 
-from nl_jax.configs import base
+from experiments.baselines import common
 
 
 def get_config():
-    c = base.get_config()
-    c.model.mixer = "mamba2"
-    c.model.mlp = "swiglu"
-    # The preset's own options (models/baselines.py); any other
-    # model.self_modifying key may be added here to override the preset.
-    c.model.self_modifying = dict(memory_chunk_size=64, conv_window=4)
-    return c
+    return common.tiny("mamba2")
