@@ -28,13 +28,16 @@ def _count_layers(model_cfg, n_layers: int) -> int:
 
 
 def count(model_cfg) -> int:
-    """Exact: the blocks are identical, so a model of L layers has the parameters of
-    one layer plus L - 1 times the difference to two (building 1 and 2 layers
+    """Exact: the blocks repeat with the period of the mixer pattern (k = 1 unless
+    ``model.mixer`` lists several), so a model of L layers has the parameters of
+    k layers plus L / k - 1 times the difference to 2k (building k and 2k layers
     abstractly is ~10x faster than all of a paper-scale model's)."""
-    one = _count_layers(model_cfg, 1)
-    if model_cfg.n_layers == 1:
+    period = len(str(model_cfg.mixer).split(","))
+    one = _count_layers(model_cfg, period)
+    if model_cfg.n_layers == period:
         return one
-    return one + (model_cfg.n_layers - 1) * (_count_layers(model_cfg, 2) - one)
+    return one + (model_cfg.n_layers // period - 1) * (_count_layers(model_cfg, 2 * period)
+                                                      - one)
 
 
 def describe(path: str, model_cfg) -> str:
