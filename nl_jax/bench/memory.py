@@ -28,7 +28,8 @@ Lengths ``--lengths`` (default 2048, 8192); other shapes ``--batch``,
 flag that a level does not have is refused).  ``--paths chunked`` skips the
 (slow) oracle, ``--paths oracle,chunked,kernel`` adds the Pallas kernel path
 of ``titans_linear`` (``kernels/linear_memory.py``: Mosaic on a TPU, Triton on
-a CUDA GPU; refused on the CPU); ``--trace DIR`` also records a
+a CUDA GPU; on the CPU it runs in Pallas interpret mode, which times the
+interpreter, not a kernel); ``--trace DIR`` also records a
 ``jax.profiler`` trace of the chunked forward and forward+backward at the
 first length (open it with TensorBoard's profile plugin or Perfetto).
 ``fwd_bwd`` is the gradient of a weighted sum of the outputs w.r.t. every
@@ -517,7 +518,8 @@ def parse(argv: list[str]):
     parser.add_argument("--paths", default=None,
                         help="comma-separated subset of the level's paths oracle, chunked, "
                              "kernel (default oracle,chunked, cms chunked; kernel: the "
-                             "Pallas kernel, titans_linear on a TPU or CUDA GPU)")
+                             "Pallas kernel of titans_linear: a TPU or CUDA GPU, or "
+                             "interpreted on the CPU)")
     parser.add_argument("--oracle-bwd-max-length", type=int, default=None, metavar="T",
                         help="measure oracle fwd_bwd only at lengths <= T (default 2048 for "
                              "titans_mlp and hope, whose per-token backward is slow; 0 = "

@@ -38,7 +38,7 @@ Forward and backward are two programs (a custom VJP, ``_chunks``):
   state, i.e. what ``jax.checkpoint`` around each block would do: backward
   memory is one state per block plus one block's activations.
 
-On the 2-core CPU (docs/benchmarks.md) blocks are 2.5x faster forward and 2x
+On the 2-core CPU (docs/notes/benchmark-history.md) blocks are 2.5x faster forward and 2x
 faster backward than one scan over all chunks with batched pre- and
 post-processing, and this split forward is 1.3x faster than the
 autodiff-friendly block with whole-sequence transposes.
