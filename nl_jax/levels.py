@@ -427,14 +427,11 @@ def _mixer_levels(model_cfg, mixer: str, count) -> list[dict]:
             extra={k: titans._memory_dict(model_cfg).get(k)
                    for k in titans.TITANS_KEYS if k in titans._memory_dict(model_cfg)},
             count=count(r".*init_params/.*")))
-    from nl_jax.models import baselines
-    presets = {"self_modifying": {}, "linear_attention": baselines.LinearAttention.PRESET,
-               "mamba2": baselines.Mamba2.PRESET, "deltanet": baselines.DeltaNet.PRESET,
-               "gated_deltanet": baselines.GatedDeltaNet.PRESET,
-               "ttt_linear": baselines.TTTLinear.PRESET}
-    if mixer in presets:
-        from nl_jax.models import self_modifying as sm
-        c = sm._config(model_cfg, presets[mixer])
+    from nl_jax.models import lm
+    from nl_jax.models import self_modifying as sm
+    mixer_cls = lm._resolve(lm.MIXERS, "mixer", mixer)
+    if issubclass(mixer_cls, sm.SelfModifyingTitans):   # Hope and its presets (baselines)
+        c = sm._config(model_cfg, mixer_cls.PRESET)
         spec = sm.spec_from_options(c)
         rule = ["gradient step"] + ([f"DGD ({spec.decay_form} form)"] if spec.dgd else []) + (
             ["momentum"] if spec.momentum else []) + (["decay alpha_t"] if spec.decay else [])
