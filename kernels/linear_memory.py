@@ -1,5 +1,5 @@
-"""Pallas kernels (TPU and GPU) for the chunk recurrence of the linear memory, with its
-reference.
+"""The linear memory's chunk recurrence (Titans, NL Eq. 57) as a level of the
+chunk-scan kernels (``kernels/chunk_scan.py``), with its reference.
 
 The chunked dual form of the linear memory (``nl_jax/memory/linear_chunked.py``,
 docs/equations.md section 1) splits into state-independent quantities of every chunk
@@ -20,29 +20,11 @@ gate G ``[N, B, H, C, C]``; rows ``[N, B, H, 8, C]``, one row per name of
 ``ROWS`` (tokens on the lane axis; the three end_* rows repeat the chunk's
 scalar); mt0, st0 ``[B, H, d_k, d_v]`` (M^T, S^T at the start).
 
-The pieces, as in recurrentgemma's kernels:
-
-* ``chunk_step`` / ``reference``: the pure-jnp recurrence (a ``lax.scan`` over
-  chunks, each step rematerialised so its backward keeps one state per chunk);
-  ``chunk_maths`` is its body with the rows already split, shared by all;
-* ``_kernel``: the Mosaic (TPU) body, grid (B, H, N) with the chunk axis
-  sequential and the state resident in VMEM across it, so the state never
-  goes back to HBM between chunks and no layout pass is needed around it;
-* ``_triton_kernel``: the Triton (GPU) body, grid (B, H), one program looping
-  over the chunks with the state in registers; C, d_k and d_v are zero-padded
-  to Triton tiles (powers of two, at least 16), which changes no result;
-* ``chunk_recurrence``: the dispatch function, a ``custom_vjp`` whose forward
-  is the kernel (which then also writes every chunk's start state) and whose
-  backward is a reverse ``lax.scan`` of ``chunk_step``'s VJP at those states
-  (XLA; a backward kernel is future work).  The body is chosen at lowering
-  by platform: Mosaic on a TPU, Triton on a CUDA GPU, and on the CPU the
-  Mosaic body in Pallas interpret mode (tests; ``body="triton"`` interprets
-  the GPU body there).  Other backends are refused.
-
-Memory: for the backward the kernel keeps every chunk's start state (M and S:
-2 d_k d_v floats per chunk and head), the XLA path one state per
-``remat_every`` chunks plus a recomputation; the kernel path trades that
-memory for not recomputing the recurrence.
+* ``chunk_step`` / ``chunk_maths``: one chunk of one sequence in jnp, the
+  ``step`` that ``chunk_scan`` runs (forward and backward kernels: Mosaic on a
+  TPU with the state in VMEM, Triton on a CUDA GPU, interpret mode on the CPU);
+* ``reference``: the recurrence in jnp (``chunk_scan.reference``);
+* ``chunk_recurrence``: the dispatch function.
 """
 
 from __future__ import annotations
@@ -51,11 +33,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltr
 
-BACKENDS = ("cpu", "tpu", "gpu")       # gpu: CUDA (Triton); the CPU interprets
+from nl_jax_kernels import chunk_scan
+from nl_jax_kernels.chunk_scan import BACKENDS, BODIES
+
 ROWS = ("beta", "f", "w_g", "w_h", "k_sq", "end_beta", "end_f", "end_m")
 _HI = jax.lax.Precision.HIGHEST
 
@@ -100,271 +81,40 @@ def chunk_maths(q, k, e0, gate, col, end, states, *, coef: float, momentum: bool
     return y, (mt_new, st_new)
 
 
+def _step(states, chunk, *, coef: float, momentum: bool, grad_clip: float):
+    """``chunk_maths`` in ``chunk_scan``'s convention, on the rows as named vectors and
+    scalars (``_named_rows``: a kernel body slices no values): (new states, y)."""
+    q, k, e0, gate, rows, ends = chunk
+    col = {name: row[:, None] for name, row in rows.items()}
+    y, new = chunk_maths(q, k, e0, gate, col, ends, states, coef=coef, momentum=momentum,
+                         grad_clip=grad_clip)
+    return new, y
+
+
+def _named_rows(rows: jax.Array, momentum: bool, grad_clip: float):
+    """``rows [N, B, H, 8, C]`` as the rows ``chunk_maths`` reads ({name: ``[N, B, H,
+    C]``}) and the chunk scalars ({end name: ``[N, B, H]``})."""
+    names = ["beta", "w_g"] + (["f", "w_h"] if momentum else []) + (
+        ["k_sq"] if grad_clip > 0 else [])
+    ends = ["end_beta"] + (["end_f", "end_m"] if momentum else [])
+    return ({name: rows[..., ROWS.index(name), :] for name in names},
+            {name: rows[..., ROWS.index(name), 0] for name in ends})
+
+
 def reference(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
               grad_clip: float):
     """The recurrence in jnp: ``lax.scan`` over chunks of ``chunk_step`` batched over
     (B, H).  Returns (y ``[N, B, H, C, d_v]``, the final states)."""
-    step = jax.vmap(jax.vmap(functools.partial(chunk_step, coef=coef, momentum=momentum,
-                                               grad_clip=grad_clip)))   # over B, then H
-
-    @jax.checkpoint
-    def body(carry, xs):
-        y, carry = step(*xs, carry)
-        return carry, y
-
-    final, y = jax.lax.scan(body, tuple(states), (q, k, e0, gate, rows))
-    return y, final
-
-
-def _kernel(*refs, n_states, coef, momentum, grad_clip, save_states):
-    """refs: q, k, e0, gate, rows, the start states (inputs); y, the final states and,
-    with ``save_states``, each chunk's start states (outputs); the VMEM states."""
-    chunk_refs, refs = refs[:5], refs[5:]
-    init_refs, y_ref, refs = refs[:n_states], refs[n_states], refs[n_states + 1:]
-    final_refs, refs = refs[:n_states], refs[n_states:]
-    start_refs = refs[:n_states] if save_states else ()
-    scratch = refs[-n_states:]
-    chunk = pl.program_id(2)
-
-    @pl.when(chunk == 0)
-    def _():
-        for vmem, init in zip(scratch, init_refs, strict=True):
-            vmem[...] = init[...]
-
-    states = tuple(vmem[...] for vmem in scratch)
-    for out, value in zip(start_refs, states if save_states else (), strict=True):
-        out[...] = value
-    y, states = chunk_step(*(r[...] for r in chunk_refs), states, coef=coef,
-                           momentum=momentum, grad_clip=grad_clip)
-    y_ref[...] = y
-    for vmem, value in zip(scratch, states, strict=True):
-        vmem[...] = value
-
-    @pl.when(chunk == pl.num_programs(2) - 1)
-    def _():
-        for out, value in zip(final_refs, states, strict=True):
-            out[...] = value
-
-
-# Mosaic's default scoped-VMEM budget and the most this kernel asks for.  Checked by
-# ahead-of-time compiles: with the raised limit head dim 512 compiles for v5e, v5p
-# and v6e; v4's 16 MiB of VMEM cannot hold it (head dims <= 256 fit everywhere).
-DEFAULT_SCOPED_VMEM = 16 * 2**20
-MAX_SCOPED_VMEM = 100 * 2**20
-
-
-def vmem_limit_bytes(c: int, d_k: int, d_v: int, n_states: int, save_states: bool
-                     ) -> int | None:
-    """A scoped-VMEM limit for one grid step, or None when the default fits.
-
-    Estimate in fp32 words: the double-buffered chunk inputs and y, the state
-    blocks (start, final, saved: double-buffered) and VMEM scratch, and the
-    body's temporaries (a few state-sized and chunk-sized arrays), with 50%
-    headroom.  Head dims up to 256 fit the default; 512 does not.
-    """
-    chunk_io = 2 * (2 * c * d_k + 2 * c * d_v + c * c + 8 * c)
-    state = d_k * d_v
-    blocks = n_states * state * (2 + 2 + (2 if save_states else 0) + 1)
-    temps = 4 * state + 4 * c * max(d_k, d_v, c)
-    need = int(1.5 * 4 * (chunk_io + blocks + temps))
-    if need <= DEFAULT_SCOPED_VMEM:
-        return None
-    return min(need, MAX_SCOPED_VMEM)
-
-
-def _layout(chunk_block, state_block, dims, n_states: int, save_states: bool):
-    """(in_specs, out_specs, out_shape) of either body's ``pallas_call``.
-    ``chunk_block(*shape)`` blocks a chunk-major ``[N, B, H, *shape]`` array,
-    ``state_block`` a ``[B, H, d_k, d_v]`` state; dims (N, B, H, C, d_k, d_v)."""
-    n, b, h, c, d_k, d_v = dims
-    in_specs = [chunk_block(c, d_k), chunk_block(c, d_k), chunk_block(c, d_v),
-                chunk_block(c, c), chunk_block(len(ROWS), c)] + [state_block] * n_states
-    out_specs = [chunk_block(c, d_v)] + [state_block] * n_states
-    out_shape = ([jax.ShapeDtypeStruct((n, b, h, c, d_v), jnp.float32)]
-                 + [jax.ShapeDtypeStruct((b, h, d_k, d_v), jnp.float32)] * n_states)
-    if save_states:
-        out_specs += [chunk_block(d_k, d_v)] * n_states
-        out_shape += [jax.ShapeDtypeStruct((n, b, h, d_k, d_v), jnp.float32)] * n_states
-    return in_specs, out_specs, out_shape
-
-
-def pallas_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
-                      grad_clip: float, interpret: bool = False, save_states: bool = False):
-    """The recurrence as one ``pallas_call``: (y, final states), and with
-    ``save_states`` also each chunk's start states ``[N, B, H, d_k, d_v]``."""
-    n, b, h, c, d_k = q.shape
-    d_v = e0.shape[-1]
-    n_states = len(states)
-
-    def per_chunk(*shape):
-        return pl.BlockSpec((None, None, None) + shape,
-                            lambda bi, hi, ni: (ni, bi, hi) + (0,) * len(shape))
-
-    state = pl.BlockSpec((None, None, d_k, d_v), lambda bi, hi, ni: (bi, hi, 0, 0))
-    in_specs, out_specs, out_shape = _layout(per_chunk, state, (n, b, h, c, d_k, d_v),
-                                             n_states, save_states)
-    kernel = functools.partial(_kernel, n_states=n_states, coef=coef, momentum=momentum,
-                               grad_clip=grad_clip, save_states=save_states)
-    out = pl.pallas_call(
-        kernel,
-        grid=(b, h, n),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((d_k, d_v), jnp.float32)] * n_states,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary"),
-            vmem_limit_bytes=vmem_limit_bytes(c, d_k, d_v, n_states, save_states)),
-        interpret=interpret,
-        name="linear_memory_chunks",
-    )(q, k, e0, gate, rows, *states)
-    y, final, starts = out[0], tuple(out[1:1 + n_states]), tuple(out[1 + n_states:])
-    return (y, final, starts) if save_states else (y, final)
-
-
-def _padded(n: int) -> int:
-    """The Triton tile size for an axis of n: a power of two, at least 16 (the
-    smallest tile ``tl.dot`` takes)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _triton_kernel(*refs, n_chunks, n_states, coef, momentum, grad_clip, save_states):
-    """refs as in ``_kernel`` without the scratch; each block holds every chunk of one
-    (batch, head).  One program loops over the chunks with the state in registers
-    (Triton programs run in parallel, so the chunk axis cannot be a grid axis)."""
-    (q_ref, k_ref, e0_ref, gate_ref, rows_ref), refs = refs[:5], refs[5:]
-    init_refs, y_ref, refs = refs[:n_states], refs[n_states], refs[n_states + 1:]
-    final_refs, start_refs = refs[:n_states], refs[n_states:]
-    names = ["beta", "w_g"] + (["f", "w_h"] if momentum else []) + (
-        ["k_sq"] if grad_clip > 0 else [])
-
-    def body(i, states):
-        for out, value in zip(start_refs, states if save_states else (), strict=True):
-            out[i] = value
-        col = {name: rows_ref[i, ROWS.index(name)][:, None] for name in names}
-        end = {name: rows_ref[i, ROWS.index(name), 0] for name in ("end_beta", "end_f",
-                                                                    "end_m")}
-        y, states = chunk_maths(q_ref[i], k_ref[i], e0_ref[i], gate_ref[i], col, end, states,
-                                coef=coef, momentum=momentum, grad_clip=grad_clip)
-        y_ref[i] = y
-        return states
-
-    states = jax.lax.fori_loop(0, n_chunks, body, tuple(r[...] for r in init_refs))
-    for out, value in zip(final_refs, states, strict=True):
-        out[...] = value
-
-
-def triton_recurrence(q, k, e0, gate, rows, states, *, coef: float, momentum: bool,
-                      grad_clip: float, interpret: bool = False, save_states: bool = False):
-    """``pallas_recurrence`` for GPUs (Pallas Triton): grid (B, H), one program per
-    sequence and head looping over the chunks.  C, d_k and d_v are zero-padded to
-    Triton tiles (``_padded``); padded tokens carry zero rows, keys and errors, so
-    they add nothing to the state, and the padding is cut from every output."""
-    n, b, h, c, d_k = q.shape
-    d_v = e0.shape[-1]
-    n_states = len(states)
-    cp, kp, vp = _padded(c), _padded(d_k), _padded(d_v)
-
-    def pad(x, *widths):         # zero-pad the trailing len(widths) axes at their ends
-        return jnp.pad(x, [(0, 0)] * (x.ndim - len(widths)) + [(0, w) for w in widths])
-
-    q, k = pad(q, cp - c, kp - d_k), pad(k, cp - c, kp - d_k)
-    e0, gate, rows = pad(e0, cp - c, vp - d_v), pad(gate, cp - c, cp - c), pad(rows, 0, cp - c)
-    states = tuple(pad(s, kp - d_k, vp - d_v) for s in states)
-
-    def every_chunk(*shape):
-        return pl.BlockSpec((n, None, None) + shape,
-                            lambda bi, hi: (0, bi, hi) + (0,) * len(shape))
-
-    state = pl.BlockSpec((None, None, kp, vp), lambda bi, hi: (bi, hi, 0, 0))
-    in_specs, out_specs, out_shape = _layout(every_chunk, state, (n, b, h, cp, kp, vp),
-                                             n_states, save_states)
-    kernel = functools.partial(_triton_kernel, n_chunks=n, n_states=n_states, coef=coef,
-                               momentum=momentum, grad_clip=grad_clip,
-                               save_states=save_states)
-    out = pl.pallas_call(
-        kernel,
-        grid=(b, h),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=pltr.CompilerParams(num_warps=4 if kp * vp <= 64 * 64 else 8,
-                                            num_stages=1),
-        interpret=interpret,
-        name="linear_memory_chunks_gpu",
-    )(q, k, e0, gate, rows, *states)
-    y = out[0][..., :c, :d_v]
-    final, starts = out[1:1 + n_states], out[1 + n_states:]
-    final = tuple(s[..., :d_k, :d_v] for s in final)
-    if save_states:
-        return y, final, tuple(s[..., :d_k, :d_v] for s in starts)
-    return y, final
-
-
-BODIES = {"mosaic": pallas_recurrence, "triton": triton_recurrence}
-
-
-def _for_platform(args, interpret: bool | None, body: str, **kwargs):
-    """The recurrence on ``args`` by the platform the program is compiled for
-    (decided at lowering, so an ahead-of-time compile for a TPU topology from a
-    CPU host gets the Mosaic kernel): ``body="auto"`` runs Mosaic on a TPU, Triton
-    on a CUDA GPU and the Mosaic body in Pallas interpret mode on the CPU; a named
-    body runs on every platform, compiled, or interpreted on the CPU.  An explicit
-    ``interpret`` applies everywhere (``"auto"`` then means Mosaic)."""
-    if body == "auto" and interpret is not None:
-        body = "mosaic"
-    if body != "auto":
-        fn = BODIES[body]
-        if interpret is not None:
-            return fn(*args, interpret=interpret, **kwargs)
-        return jax.lax.platform_dependent(
-            *args, cpu=functools.partial(fn, interpret=True, **kwargs),
-            default=functools.partial(fn, interpret=False, **kwargs))
-    return jax.lax.platform_dependent(
-        *args, cpu=functools.partial(pallas_recurrence, interpret=True, **kwargs),
-        tpu=functools.partial(pallas_recurrence, interpret=False, **kwargs),
-        cuda=functools.partial(triton_recurrence, interpret=False, **kwargs))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _recurrence(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret, body):
-    return _for_platform((q, k, e0, gate, rows, states), interpret, body, coef=coef,
-                         momentum=momentum, grad_clip=grad_clip)
-
-
-def _recurrence_fwd(q, k, e0, gate, rows, states, coef, momentum, grad_clip, interpret,
-                    body):
-    y, final, starts = _for_platform((q, k, e0, gate, rows, states), interpret, body,
-                                     coef=coef, momentum=momentum, grad_clip=grad_clip,
-                                     save_states=True)
-    return (y, final), (q, k, e0, gate, rows, starts)
-
-
-def _recurrence_bwd(coef, momentum, grad_clip, interpret, body, residuals, cotangents):
-    """A reverse scan over chunks of the VJP of ``chunk_step`` at the saved
-    chunk-start states: no forward recurrence is recomputed."""
-    del interpret, body
-    step = jax.vmap(jax.vmap(functools.partial(
-        chunk_step, coef=coef, momentum=momentum, grad_clip=grad_clip)))
-    ct_y, ct_final = cotangents
-
-    def body(ct_states, xs):
-        *chunk_inputs, ct_y_n = xs
-        _, vjp = jax.vjp(step, *chunk_inputs)
-        *ct_chunk, ct_states = vjp((ct_y_n, ct_states))
-        return ct_states, tuple(ct_chunk)
-
-    ct_states, ct_chunks = jax.lax.scan(body, ct_final, (*residuals, ct_y), reverse=True)
-    return (*ct_chunks, ct_states)
-
-
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+    step = functools.partial(_step, coef=coef, momentum=momentum, grad_clip=grad_clip)
+    return chunk_scan.reference(step, tuple(states),
+                                (q, k, e0, gate, *_named_rows(rows, momentum, grad_clip)))
 
 
 def chunk_recurrence(q, k, e0, gate, rows, mt0, st0=None, *, coef: float, momentum: bool,
                      grad_clip: float = 0.0, interpret: bool | None = None,
-                     body: str = "auto"):
-    """Dispatch: the Pallas kernel forward, ``chunk_step``'s VJP chunk by chunk backward.
+                     body: str = "auto", save_every: int = 1):
+    """Dispatch: the recurrence in the chunk-scan kernels, forward and backward
+    (``chunk_scan.chunk_scan``; ``save_every`` chunks per saved boundary state).
 
     ``st0`` is required with ``momentum`` and ignored without (then returned as
     is).  ``interpret``: None picks, by the platform the program is compiled
@@ -394,7 +144,9 @@ def chunk_recurrence(q, k, e0, gate, rows, mt0, st0=None, *, coef: float, moment
     if wrong:
         raise ValueError(f"chunk_recurrence takes float32 arrays, got {wrong}; cast them "
                          "first (the state and its updates are fp32)")
-    y, final = _recurrence(q, k, e0, gate, rows, states, float(coef), bool(momentum),
-                           float(grad_clip), None if interpret is None else bool(interpret),
-                           body)
+    step = functools.partial(_step, coef=float(coef), momentum=bool(momentum),
+                             grad_clip=float(grad_clip))
+    xs = (q, k, e0, gate, *_named_rows(rows, momentum, grad_clip))
+    y, final = chunk_scan.chunk_scan(step, states, xs,
+                                     save_every=save_every, body=body, interpret=interpret)
     return y, final[0], (final[1] if momentum else st0)

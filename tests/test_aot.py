@@ -65,20 +65,24 @@ def test_memory_kernel_compiles_for_tpu_with_mosaic():
         for fn in (forward, grads):
             lowered = fn.lower(*args)
             assert "tpu_custom_call" in lowered.as_text()        # Mosaic, not interpret mode
-            assert "linear_memory_chunks" in lowered.compile().as_text()
+            assert "chunk_scan_forward" in lowered.compile().as_text()
 
 
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 def test_memory_kernel_with_head_dim_512_fits_vmem(topology):
-    """d_k = d_v = 512 with momentum and saved chunk states needs ~20 MiB of VMEM, past
-    Mosaic's 16 MiB default: the kernel raises its scoped-VMEM limit and compiles."""
+    """d_k = d_v = 512 with momentum needs more than Mosaic's 16 MiB default of VMEM
+    (forward and backward kernels): the kernels raise their scoped-VMEM limit
+    and compile; head dim 256 fits the default."""
+    import functools
+
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from nl_jax.train.aot import topology_devices
+    from nl_jax_kernels import chunk_scan
     from nl_jax_kernels import linear_memory as lm
 
     sharding = NamedSharding(Mesh(topology_devices(topology)[:1], ("x",)), P())
@@ -87,13 +91,26 @@ def test_memory_kernel_with_head_dim_512_fits_vmem(topology):
     def shaped(*shape):
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
 
-    assert lm.vmem_limit_bytes(c, d, d, 2, True) > lm.DEFAULT_SCOPED_VMEM
-    assert lm.vmem_limit_bytes(c, 256, 256, 2, True) is None
-    fn = jax.jit(lambda *a: lm.pallas_recurrence(*a[:5], a[5:], coef=2.0, momentum=True,
-                                                 grad_clip=0.0, save_states=True))
-    fn.lower(shaped(n, b, h, c, d), shaped(n, b, h, c, d), shaped(n, b, h, c, d),
-             shaped(n, b, h, c, c), shaped(n, b, h, len(lm.ROWS), c),
-             shaped(b, h, d, d), shaped(b, h, d, d)).compile()
+    def args(d):
+        return (shaped(n, b, h, c, d), shaped(n, b, h, c, d), shaped(n, b, h, c, d),
+                shaped(n, b, h, c, c), shaped(n, b, h, len(lm.ROWS), c),
+                shaped(b, h, d, d), shaped(b, h, d, d))
+
+    def plan(d):
+        a = args(d)
+        step = functools.partial(lm._step, coef=2.0, momentum=True, grad_clip=0.0)
+        rows = jax.eval_shape(lambda r: lm._named_rows(r, True, 0.0), a[4])
+        return chunk_scan._Plan(step, a[5:], (*a[:4], *rows), 2)
+
+    for backward in (False, True):
+        assert plan(d).vmem_limit(backward) > chunk_scan.DEFAULT_SCOPED_VMEM
+        assert plan(256).vmem_limit(backward) is None
+
+    def loss(*a):
+        y, mt, st = lm.chunk_recurrence(*a, coef=2.0, momentum=True, save_every=2)
+        return jnp.sum(y) + jnp.sum(mt) + jnp.sum(st)
+
+    jax.jit(jax.grad(loss, argnums=tuple(range(7)))).lower(*args(d)).compile()
 
 
 @needs_libtpu
@@ -134,10 +151,10 @@ def test_memory_kernel_runs_per_shard_on_a_tpu_mesh(mesh_shape, batch):
                                  argnums=tuple(range(7)))).lower(*args)
     assert "tpu_custom_call" in forward.as_text()
     text = forward.compile().as_text()
-    assert "linear_memory_chunks" in text
+    assert "chunk_scan_forward" in text
     for collective in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
         assert collective not in text, collective
-    assert "linear_memory_chunks" in grads.compile().as_text()
+    assert "chunk_scan_forward" in grads.compile().as_text()
 
 
 def test_usable_hbm_is_the_allocator_limit_or_the_nominal_share():
@@ -182,3 +199,135 @@ def test_preflight_compiles_exactly_the_step_training_runs(tmp_path):
 
     assert (fingerprint(trainer.train_step, trainer.abstract_state)
             == fingerprint(program.step, program.abstract_state))
+
+
+def test_preflight_estimates_step_time_and_mfu_on_local_cpu(tmp_path, capsys):
+    """``aot --topology local --json``: the analytic FLOPs of flops.py against this
+    host's measured peak (the CPU has no HBM bandwidth figure: compute-bound by
+    construction), XLA's bytes accessed, the collectives of the 2x2x2 mesh."""
+    import json
+
+    from nl_jax import config as config_lib
+    from nl_jax.models import flops
+    from nl_jax.train import aot
+    argv = ["--config", "experiments/transformer/tiny.py", "--config.mesh.data=2",
+            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.data.seq_len=32",
+            "--config.data.batch_size=8", "--config.model.d_model=32",
+            "--config.model.n_layers=1", "--config.model.d_ff=64"]
+    out = tmp_path / "aot.json"
+    assert aot.main([*argv, "--topology", "local", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    config, _ = config_lib.load(argv)
+    assert report["model_flops_per_token"] == flops.model_flops_per_token(config)
+    assert report["model_flops_per_step"] == report["model_flops_per_token"] * 8 * 32
+    assert report["peak_flops"] == report["peak_flops_per_chip"] > 0   # one host, 8 devices
+    assert report["compute_s"] == pytest.approx(report["model_flops_per_step"]
+                                                / report["peak_flops"])
+    assert report["bytes_accessed_per_chip"] > 0 and report["memory_s"] is None
+    assert report["est_step_s"] == report["compute_s"] and report["est_mfu"] == pytest.approx(1)
+    assert report["bound"] == "compute (no HBM bandwidth known for cpu)"
+    assert report["collective_bytes_per_chip"] > 0 and "all-reduce x" in report["collectives"]
+    assert "est_step_s" in printed and "estimated step:" in printed
+
+
+def test_roofline_estimate_uses_the_chip_table_and_async_collectives():
+    """The estimate on 4 v5p chips (bf16): compute time = model FLOPs / (4 x 459
+    TFLOP/s), memory time = bytes accessed / 2765 GB/s, the step the longer; the
+    collectives' bytes are what each returns (an async start: its outputs)."""
+    from types import SimpleNamespace
+
+    from nl_jax.models import flops
+    from nl_jax.train import aot
+    c = base.get_config()
+    c.model.dtype = "bfloat16"
+    devices = [SimpleNamespace(device_kind="TPU v5", platform="tpu", process_index=0)] * 4
+    hlo = "\n".join([
+        "  %all-reduce.1 = f32[128,64]{1,0} all-reduce(%p), channel_id=1, to_apply=%add",
+        "  %ags = (bf16[8,16]{1,0}, bf16[32,16]{1,0}) all-gather-start(%q), dimensions={0}",
+        "  %agd = bf16[32,16]{1,0} all-gather-done(%ags)",
+        "  %cps = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%r)",
+        "  ROOT %rs = bf16[2,8]{1,0} reduce-scatter(%s), dimensions={0}, to_apply=%add",
+        "  %fusion = f32[4]{0} fusion(%all-reduce.1), kind=kLoop, calls=%all-gather.2",
+    ])
+    step_flops = flops.model_flops_per_token(c) * c.data.batch_size * c.data.seq_len
+    for accessed, bound in ((1e3, "compute"), (1e13, "memory")):
+        est = aot.estimate(c, devices, {"bytes accessed": accessed}, hlo)
+        compute_s, memory_s = step_flops / (4 * 459e12), accessed / 2765e9
+        assert est["compute_s"] == pytest.approx(compute_s)
+        assert est["memory_s"] == pytest.approx(memory_s)
+        assert est["est_step_s"] == pytest.approx(max(compute_s, memory_s))
+        assert est["bound"] == bound
+        assert est["est_mfu"] == pytest.approx(compute_s / max(compute_s, memory_s))
+    assert est["collective_bytes_per_chip"] == 128 * 64 * 4 + 32 * 16 * 2 + 4 * 4 + 2 * 8 * 2
+    assert est["collectives"] == ("all-gather x1, all-reduce x1, collective-permute x1, "
+                                  "reduce-scatter x1")
+    unknown = [SimpleNamespace(device_kind="TPU v4 lite", platform="tpu", process_index=0)]
+    est = aot.estimate(c, unknown, {"bytes accessed": 1e3}, None)
+    assert est["est_step_s"] is None and "no peak FLOP/s is known" in est["peak_source"]
+    assert est["collective_bytes_per_chip"] is None and "unknown" in est["collectives"]
+
+
+@needs_libtpu
+def test_preflight_estimates_mfu_for_a_v5p_slice():
+    from nl_jax.train.aot import preflight
+    c = base.get_config()
+    c.mesh = dict(data=2, fsdp=2, tensor=1)
+    c.model.dtype = "bfloat16"
+    report = preflight(c, "v5p:2x2x1")
+    assert report["peak_flops_per_chip"] == pytest.approx(459e12)
+    assert report["hbm_bytes_per_s"] == pytest.approx(2765e9)
+    assert report["bytes_accessed_per_chip"] > 0 and report["memory_s"] > 0
+    assert report["est_step_s"] == pytest.approx(max(report["compute_s"], report["memory_s"]))
+    assert 0 < report["est_mfu"] <= 1 and report["collective_bytes_per_chip"] > 0
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+def test_hope_and_titans_mlp_kernels_compile_for_tpu(topology):
+    """One Hope self-modifying layer and one Titans MLP memory with path='kernel':
+    forward and backward chunk-scan kernels lower through Mosaic (not interpret
+    mode) and are in the compiled TPU program, at head dim 64 (Hope) and 128
+    (Titans MLP, hidden 256); T = 1000 leaves the last chunks partial."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from nl_jax.memory import MemorySpec, apply_memory, init_memory_params
+    from nl_jax.models.self_modifying import SelfModifyingTitans
+    from nl_jax.train.aot import topology_devices
+
+    sharding = NamedSharding(Mesh(topology_devices(topology)[:1], ("x",)), P())
+
+    def shaped(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+
+    def check(fn, *args):
+        lowered = jax.jit(fn).lower(*args)
+        assert "tpu_custom_call" in lowered.as_text()
+        text = lowered.compile().as_text()
+        assert "chunk_scan_forward" in text and "chunk_scan_backward" in text
+
+    cfg = ml_collections.ConfigDict(dict(
+        d_model=256, n_heads=4, dtype="float32",
+        self_modifying=dict(path="kernel", memory="mlp", chunk_size=16, memory_chunk_size=64)))
+    gdef, params = nnx.split(nnx.eval_shape(lambda: SelfModifyingTitans(cfg, rngs=nnx.Rngs(0))))
+
+    def hope_loss(p, x):
+        return jnp.sum(nnx.merge(gdef, p)(x)[0] ** 2)
+
+    check(jax.grad(hope_loss, argnums=(0, 1)), shaped(params),
+          shaped(jax.ShapeDtypeStruct((2, 1000, 256), jnp.float32)))
+
+    spec = MemorySpec(kind="mlp", path="kernel", dgd=True, grad_clip=1.0, chunk_size=64)
+    b, t, h, d = 2, 1000, 4, 128
+    memory = shaped(jax.eval_shape(lambda: init_memory_params(spec, jax.random.PRNGKey(0),
+                                                              h, d, d)))
+    seq = [shaped(jax.ShapeDtypeStruct((b, t, h) + tail, jnp.float32))
+           for tail in ((d,), (d,), (d,), (), (), ())]
+    check(jax.grad(lambda *a: jnp.sum(apply_memory(spec, *a)[0] ** 2), argnums=(0, 1, 2, 3)),
+          memory, *seq)

@@ -6,7 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nl_jax.memory.triangular import unit_lower_inverse, unit_lower_solve
+from nl_jax.memory.triangular import (
+    unit_lower_inverse,
+    unit_lower_inverse_by_masks,
+    unit_lower_solve,
+    unit_lower_solve_by_masks,
+)
+
+# The XLA form (block reshapes) and the kernel-body form (index masks, whole matrices).
+FORMS = pytest.mark.parametrize("unit_lower_inverse,unit_lower_solve", [
+    (unit_lower_inverse, unit_lower_solve),
+    (unit_lower_inverse_by_masks, unit_lower_solve_by_masks)], ids=["blocks", "masks"])
 
 
 def _system(c: int, d: int = 5, batch=(2, 3), scale: float = 0.4):
@@ -21,8 +31,9 @@ def _reference(n, rhs):
     return jax.scipy.linalg.solve_triangular(jnp.eye(c) + jnp.tril(n, -1), rhs, lower=True)
 
 
+@FORMS
 @pytest.mark.parametrize("c", [1, 3, 13, 32, 33])
-def test_inverse_and_solve_match_triangular_solve(c):
+def test_inverse_and_solve_match_triangular_solve(c, unit_lower_inverse, unit_lower_solve):
     n, rhs = _system(c)
     inverse = jax.jit(unit_lower_inverse)(n)
     np.testing.assert_allclose(inverse @ (jnp.eye(c) + n), np.broadcast_to(np.eye(c), n.shape),
@@ -32,8 +43,9 @@ def test_inverse_and_solve_match_triangular_solve(c):
                                atol=1e-5)
 
 
+@FORMS
 @pytest.mark.parametrize("c", [1, 5, 32])
-def test_solve_gradients_match_triangular_solve(c):
+def test_solve_gradients_match_triangular_solve(c, unit_lower_inverse, unit_lower_solve):
     n, rhs = _system(c)
     weights = jax.random.normal(jax.random.key(7), rhs.shape)
 
@@ -48,7 +60,8 @@ def test_solve_gradients_match_triangular_solve(c):
     np.testing.assert_array_equal(np.triu(np.asarray(got[0])), 0.0)
 
 
-def test_only_the_strictly_lower_part_is_read():
+@FORMS
+def test_only_the_strictly_lower_part_is_read(unit_lower_inverse, unit_lower_solve):
     n, rhs = _system(6, batch=())
     garbage = n + jnp.triu(jnp.full((6, 6), 3.0))
     np.testing.assert_array_equal(unit_lower_solve(garbage, rhs), unit_lower_solve(n, rhs))

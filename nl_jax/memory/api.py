@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nl_jax.errors import ConfigError
-from nl_jax.memory import linear_chunked, maps
-from nl_jax.memory.chunked import chunked_head
+from nl_jax.memory import kernel_path, linear_chunked, maps
+from nl_jax.memory.chunked import chunked_head, kernel_heads
 from nl_jax.memory.layout import (
     from_chunk_major,
     from_chunks,
@@ -78,7 +78,8 @@ def check_inputs(q, k, v, gates=()) -> tuple[int, int, int, int, int]:
 
 def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array,
                  v: jax.Array, theta: jax.Array, eta: jax.Array, alpha: jax.Array,
-                 state: MemoryState | None = None) -> tuple[jax.Array, MemoryState]:
+                 state: MemoryState | None = None, interpret: bool | None = None
+                 ) -> tuple[jax.Array, MemoryState]:
     """Run the memory rule over a segment (Titans Eq. 13-14 and 16-18, NL Eq. 57).
 
     Args:
@@ -89,6 +90,9 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
         decay, forget rate (M_t = (1 - alpha_t) M_{t-1} + S_t).
       state: the state after the previous segment, or None for a fresh memory;
         kept in fp32 (a lower-precision state passed in is upcast).
+      interpret: ``path="kernel"`` only: None runs the kernels compiled on a TPU
+        or CUDA GPU and in Pallas interpret mode on the CPU; True forces
+        interpret mode (tests).
 
     Returns:
       y ``[B, T, H, d_v]`` fp32 with y_t = M_t(q_t), and the final state.
@@ -108,14 +112,29 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
         y, (w_end, s_end) = linear_chunked.linear_chunked(
             spec, state.params["w0"], state.momentum["w0"], *args, t)
         return y[:, :t], MemoryState(params={"w0": w_end}, momentum={"w0": s_end})
-    if spec.path == "kernel":
+    if spec.path == "kernel" and linear_chunked.supports(spec):
         args = (to_chunk_major(q, c, 0.0), to_chunk_major(k, c, 0.0),
                 to_chunk_major(v, c, 0.0), to_chunk_major(theta, c, 0.0),
                 to_chunk_major(eta, c, 1.0), to_chunk_major(alpha, c, 0.0))
         y, (w_end, s_end) = linear_chunked.linear_kernel(
-            spec, state.params["w0"], state.momentum["w0"], *args, t)
+            spec, state.params["w0"], state.momentum["w0"], *args, t, interpret=interpret)
         return from_chunk_major(y, t), MemoryState(params={"w0": w_end},
                                                    momentum={"w0": s_end})
+    if spec.path == "kernel":
+        kernel_path.require_backend("model.memory.path", interpret)
+        args = (to_chunk_major(q, c, 0.0), to_chunk_major(k, c, 0.0),
+                to_chunk_major(v, c, 0.0), to_chunk_major(theta, c, 0.0),
+                to_chunk_major(eta, c, 1.0), to_chunk_major(alpha, c, 0.0))
+        n_valid = jnp.asarray(np.clip(t - np.arange(n) * c, 0, c).astype(np.int32))
+
+        def run(states, xs):
+            weights, momentum = states
+            return kernel_heads(spec, weights, momentum, *xs, n_valid, interpret=interpret)
+
+        y, (w_end, s_end) = kernel_path.on_local_shards(
+            run, (maps.to_weights(state.params), maps.to_weights(state.momentum)), args)
+        return from_chunk_major(y, t), MemoryState(params=maps.to_params(w_end),
+                                                   momentum=maps.to_params(s_end))
     args = (to_chunks(q, c, 0.0), to_chunks(k, c, 0.0), to_chunks(v, c, 0.0),
             to_chunks(theta, c, 0.0), to_chunks(eta, c, 1.0), to_chunks(alpha, c, 0.0))
     weights = maps.to_weights(state.params)

@@ -51,6 +51,7 @@ Execution (choices measured on XLA:CPU):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -76,10 +77,17 @@ def _nt(a: jax.Array, b: jax.Array) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def _transposed(x: jax.Array) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class _KernelBodySpec(MemorySpec):
+    """A level's spec inside a Pallas kernel body (``kernel_heads``): the same chunk
+    step without XLA layout barriers (Mosaic and Triton have none, and run no
+    layout pass that would need one)."""
+
+
+def _transposed(spec: MemorySpec, x: jax.Array) -> jax.Array:
     """x^T as an array of its own (the barrier keeps XLA from folding the
     transpose back into the consuming dot as a contraction over leading axes)."""
-    return jax.lax.optimization_barrier(x.T)
+    return x.T if isinstance(spec, _KernelBodySpec) else jax.lax.optimization_barrier(x.T)
 
 
 def _act_slope(x: jax.Array) -> jax.Array:
@@ -203,13 +211,13 @@ def _step_forward(spec: MemorySpec, states, x: _Chunk):
     y = x.q + z if spec.kind == "mlp" else z
 
     new = []
-    k_t = _transposed(x.k)
+    k_t = _transposed(spec, x.k)
     for layer in range(n):
         weights = _token_weights(g, len(states[layer]))
         if layer == 0:     # step^T = K^T diag(a) E
             steps = [_nn(k_t * a[None, :], errors[0]) for a in weights]
         else:              # step = (E * a)^T X
-            e_t = _transposed(errors[layer])
+            e_t = _transposed(spec, errors[layer])
             steps = [_nn(e_t * a[None, :], inputs[layer]) for a in weights]
         new.append(tuple(p - st for p, st in zip(_decay(states[layer], g), steps,
                                                  strict=True)))
@@ -286,11 +294,11 @@ def _outputs_vjp(spec, states, x, s: _Saved, key: _KeySide, dy, grads: _Grads):
         grads.add_gate("gate", d_gated_scores * s.scores[layer])
         d_scores = d_gated_scores * g.gate
         grads.errors[layer] = (grads.errors[layer]
-                               - _nn(_transposed(s.scores[layer] * g.gate), du))
-        grads.inputs[layer] = grads.inputs[layer] + _nn(_transposed(d_scores), zs[layer])
+                               - _nn(_transposed(spec, s.scores[layer] * g.gate), du))
+        grads.inputs[layer] = grads.inputs[layer] + _nn(_transposed(spec, d_scores), zs[layer])
         dz = _nn(d_scores, key.inputs[layer])
         d_parts = []
-        z_t = _transposed(x.q) if layer == 0 else None
+        z_t = _transposed(spec, x.q) if layer == 0 else None
         k = len(states[layer])
         for name, coef, proj, part in zip(("beta", "f")[:k], (g.beta, g.f)[:k],
                                           s.projs[layer], states[layer], strict=True):
@@ -301,7 +309,7 @@ def _outputs_vjp(spec, states, x, s: _Saved, key: _KeySide, dy, grads: _Grads):
                 d_parts.append(_nn(z_t, d_proj))
             else:
                 dz = dz + _nn(d_proj, part)
-                d_parts.append(_nn(_transposed(d_proj), zs[layer]))
+                d_parts.append(_nn(_transposed(spec, d_proj), zs[layer]))
         grads.add_state(layer, d_parts)
     return dz + dy if spec.kind == "mlp" else dz
 
@@ -331,7 +339,7 @@ def _errors_vjp(spec, states, x, s: _Saved, key: _KeySide,
                                  slope_vjp(d_chain[layer] * s.back[layer])[0])
         d_chain[upper] = d_chain[upper] + _nt(d_back, states[upper][0])
         grads.states[upper][0] = grads.states[upper][0] + _nn(
-            _transposed(key.chain[upper]), d_back)
+            _transposed(spec, key.chain[upper]), d_back)
     _, objective_vjp = jax.vjp(functools.partial(objective_error, spec.objective),
                                key.pred, x.v)
     d_pred, dv = objective_vjp(d_chain[n - 1])
@@ -342,11 +350,11 @@ def _errors_vjp(spec, states, x, s: _Saved, key: _KeySide,
         weight = states[layer][0]
         if layer == 0:
             dk = dk + _nt(grads.lins[0], weight)
-            grads.states[0][0] = grads.states[0][0] + _nn(_transposed(x.k), grads.lins[0])
+            grads.states[0][0] = grads.states[0][0] + _nn(_transposed(spec, x.k), grads.lins[0])
         else:
             d_x = grads.inputs[layer] + _nn(grads.lins[layer], weight)
             grads.states[layer][0] = grads.states[layer][0] + _nn(
-                _transposed(grads.lins[layer]), key.inputs[layer])
+                _transposed(spec, grads.lins[layer]), key.inputs[layer])
             grads.lins[layer - 1] = _add(grads.lins[layer - 1],
                                          d_x * _act_slope(s.lins[layer - 1]))
     return dk, dv
@@ -394,3 +402,35 @@ def chunked_head(spec: MemorySpec, weights, momentum, q, k, v, theta, eta, alpha
                    for layer, parts in enumerate(states))
     final = tuple(zip(*states, strict=True))
     return y[:n], final if spec.momentum else (final[0], tuple(momentum))
+
+
+def kernel_heads(spec: MemorySpec, weights, momentum, q, k, v, theta, eta, alpha, n_valid,
+                 interpret: bool | None = None):
+    """``chunked_head`` for every (batch, head) at once, with the recurrence over chunks
+    in the chunk-scan kernels (``kernels/chunk_scan.py``: forward and backward in
+    Pallas, ``spec.remat_every`` chunks per saved boundary state).
+
+    Inputs chunk-major ``[N, B, H, C, ...]``, ``n_valid`` ``[N]``; weights and
+    momentum per layer ``[B, H, out, in]``.  Returns (y ``[N, B, H, C, d_v]``,
+    (weights, momentum) after the last real token).
+    """
+    from nl_jax_kernels.chunk_scan import chunk_scan
+
+    n, b, h = q.shape[:3]
+    valid = jnp.broadcast_to(n_valid[:, None, None], (n, b, h))
+    gates = jax.vmap(jax.vmap(jax.vmap(chunk_gates, in_axes=(0, 0, 0, 0, None, None)),
+                              in_axes=(0, 0, 0, 0, None, None)),
+                     in_axes=(0, 0, 0, 0, None, None))(
+        theta, eta, alpha, valid, spec.momentum, spec.weight_decay)
+    k_parts = 2 if spec.momentum else 1
+    states = tuple(tuple(jnp.swapaxes(p, -1, -2) if layer == 0 else p
+                         for p in (w, s)[:k_parts])
+                   for layer, (w, s) in enumerate(zip(weights, momentum, strict=True)))
+    body_spec = _KernelBodySpec(**dataclasses.asdict(spec))
+    y, states = chunk_scan(functools.partial(_step, body_spec), states, _Chunk(q, k, v, gates),
+                           save_every=spec.remat_every, interpret=interpret,
+                           triton=False)    # (Pallas Triton lowers no custom_vjp)
+    states = tuple(tuple(jnp.swapaxes(p, -1, -2) if layer == 0 else p for p in parts)
+                   for layer, parts in enumerate(states))
+    final = tuple(zip(*states, strict=True))
+    return y, final if spec.momentum else (final[0], tuple(momentum))

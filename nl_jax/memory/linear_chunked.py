@@ -493,7 +493,8 @@ def linear_kernel(spec: MemorySpec, w0: jax.Array, s0: jax.Array, q, k, v, theta
 
     def run(*arrays):          # -> y and the final states
         out = chunk_recurrence(*arrays, coef=coef, momentum=spec.momentum,
-                               grad_clip=spec.grad_clip, interpret=interpret)
+                               grad_clip=spec.grad_clip, interpret=interpret,
+                               save_every=spec.remat_every)
         return out[:1 + len(states)]
 
     # (batch, head) pairs are independent: on a mesh each device runs the kernel on

@@ -86,6 +86,7 @@ multiples of the chunk sizes (``layout.to_stream_chunks``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -97,14 +98,14 @@ from nl_jax.memory.maps import clip_scale, l2_normalize
 from nl_jax.memory.objectives import HOPE_L2_SCALE
 from nl_jax.memory.objectives import objective_error as _objective_error
 from nl_jax.memory.objectives import objective_loss as _objective_loss
-from nl_jax.memory.triangular import unit_lower_solve
+from nl_jax.memory.triangular import unit_lower_solve, unit_lower_solve_by_masks
 
 EPS = 1e-6
 VECTOR_BOXES = ("k", "v", "q")
 GATE_BOXES = ("eta", "alpha")
 KINDS = ("mlp", "linear", "linear_ln")
 OBJECTIVES = ("l2", "dot")
-PATHS = ("chunked", "oracle")
+PATHS = ("chunked", "oracle", "kernel")
 
 
 # --------------------------------------------------------------------------
@@ -165,9 +166,24 @@ def _normalized(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return a / norm, norm
 
 
-def _exclusive_cumsum(x: jax.Array) -> jax.Array:
-    """``out[i] = sum_{l < i} x_l`` (a shifted cumulative sum, no subtraction)."""
-    return jnp.concatenate([jnp.zeros_like(x[:1]), jnp.cumsum(x)[:-1]])
+def _prefix_sum(x: jax.Array, inclusive: bool) -> jax.Array:
+    """``out[i] = sum_{l <= i} x_l`` (``inclusive``) or ``sum_{l < i} x_l``, as one
+    product with a 0/1 triangular matrix (no subtraction; no cumsum, which
+    Pallas kernel bodies cannot lower)."""
+    c = x.shape[-1]
+    i = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    lower = jnp.where(i >= j if inclusive else i > j, 1.0, 0.0).astype(x.dtype)
+    return jnp.matmul(lower, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def _previous_rows(m: jax.Array) -> jax.Array:
+    """``out[t] = m[t-1]``, ``out[0] = 0`` (a product with the shift matrix, exact)."""
+    c = m.shape[0]
+    i = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    j = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    shift = jnp.where(i == j + 1, 1.0, 0.0).astype(m.dtype)
+    return jnp.matmul(shift, m, precision=jax.lax.Precision.HIGHEST)
 
 
 def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True,
@@ -187,27 +203,31 @@ def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True,
     token t, the token's own write included).
     """
     d = jnp.exp(segsum(log_alpha))                   # D[t, s], s <= t
-    dp = jnp.concatenate([jnp.zeros_like(d[:1]), d[:-1]])   # D[t-1, s], s < t
+    dp = _previous_rows(d)                           # D[t-1, s], s < t
     d_last = d[-1]                                   # D[C-1, s]
-    gamma_prev = jnp.exp(_exclusive_cumsum(log_alpha))
+    gamma_prev = jnp.exp(_prefix_sum(log_alpha, inclusive=False))
     terms = dict(dp=dp, d_last=d_last, gamma_prev=gamma_prev,
                  gamma_last=jnp.exp(jnp.sum(log_alpha)))
     read_d = d if read_after else dp
     terms.update(read_d=read_d,
-                 read_gamma=jnp.exp(jnp.cumsum(log_alpha)) if read_after else gamma_prev)
+                 read_gamma=(jnp.exp(_prefix_sum(log_alpha, inclusive=True)) if read_after
+                             else gamma_prev))
     if not momentum:
         return dict(terms, cmp=dp, cm_last=d_last, read_cm=read_d)
     lb = jnp.exp(segsum(log_beta))                   # Lb[s, r], r <= s
-    m = jnp.exp(jnp.cumsum(log_beta))
+    m = jnp.exp(_prefix_sum(log_beta, inclusive=True))
     nu = jnp.ones_like(log_alpha) if valid is None else valid.astype(log_alpha.dtype)
     dp_nu, d_last_nu, read_nu = dp * nu[None, :], d_last * nu, read_d * nu[None, :]
-    return dict(terms, cmp=dp_nu @ lb, cm_last=d_last_nu @ lb, f_prev=dp_nu @ m,
-                f_last=d_last_nu @ m, lb_last=lb[-1],
-                beta_last=jnp.exp(jnp.sum(log_beta)),
-                read_cm=read_nu @ lb, read_f=read_nu @ m)
+    # Products with a vector as sums of elementwise products: matrix-matrix is
+    # the only dot_general a Pallas TPU kernel body lowers.
+    return dict(terms, cmp=dp_nu @ lb, cm_last=jnp.sum(d_last_nu[:, None] * lb, 0),
+                f_prev=jnp.sum(dp_nu * m[None, :], 1), f_last=jnp.sum(d_last_nu * m),
+                lb_last=lb[-1], beta_last=jnp.exp(jnp.sum(log_beta)),
+                read_cm=read_nu @ lb, read_f=jnp.sum(read_nu * m[None, :], 1))
 
 
-def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_dgd=None):
+def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_dgd=None,
+                    solve=unit_lower_solve):
     """One chunk of one layer's update, closed form (WY representation).
 
     Recurrence (per token t of the chunk, ``ahat, u`` from ``a, delta``):
@@ -218,7 +238,9 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_
     ``terms``: ``chunk_gate_terms`` of the chunk (with momentum iff ``s0`` is
     given; its ``read_*`` terms say whether a query reads ``W_{t-1}`` or
     ``W_t``).  Padding tokens (``valid`` 0, with eta 0, alpha = beta = 1) leave
-    W and S unchanged.  Returns ``(W_{t-1} q_t or W_t q_t for each query row,
+    W and S unchanged.  ``solve``: the unit lower-triangular solve
+    (``unit_lower_solve_by_masks`` in Pallas kernel bodies).  Returns ``(W_{t-1} q_t
+    or W_t q_t for each query row,
     W_C, S_C)``.
     """
     ahat, norm = _normalized(a)
@@ -232,7 +254,7 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_
         if s0 is not None:
             rhs = rhs + terms["f_prev"][:, None] * (ahat @ s0.T)
         rhs = -eta_dgd[:, None] * rhs
-        wv = unit_lower_solve(eta_dgd[:, None] * dp * kk, rhs)
+        wv = solve(eta_dgd[:, None] * dp * kk, rhs)
     out = None
     if queries is not None:
         qk = queries @ ahat.T
@@ -252,14 +274,15 @@ def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_
 
 
 def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
-                 objective: str, dgd: bool, grad_clip: float = 0.0, eta_dgd=None):
+                 objective: str, dgd: bool, grad_clip: float = 0.0, eta_dgd=None,
+                 solve=unit_lower_solve):
     """One chunk of one memory: per-token reads ``M_{t-1}(q_t)`` (or ``M_t(q_t)``,
     as ``terms`` say) and the new state.
 
     ``terms``: the chunk's ``chunk_gate_terms``.  Each token's layer gradient
     ``delta a^T`` is clipped to Frobenius norm ``grad_clip``
     (``|delta a^T|_F = |delta| |a|``).  ``eta_dgd``: the DGD preconditioner's
-    step (``dgd_layer_chunk``).
+    step and ``solve`` the triangular solve (``dgd_layer_chunk``).
     """
     factors = layer_factors(kind, anchor, k, vhat, objective)
     factors = {name: (a, delta * clip_scale(
@@ -271,7 +294,7 @@ def memory_chunk(kind, cur, mom, anchor, k, vhat, queries, eta, terms: dict,
         a, delta = factors[name]
         out, new_cur[name], s = dgd_layer_chunk(
             cur[name], None if mom is None else mom[name], a, delta, eta, terms, q, dgd,
-            eta_dgd)
+            eta_dgd, solve)
         if mom is not None:
             new_mom[name] = s
         return out
@@ -454,14 +477,29 @@ def initial_state(spec: SelfModifyingSpec, weights: dict, batch: int) -> SelfMod
                               main=MemoryTrack(main, zeros(main), main))
 
 
+def map_boxes(fn, *trees):
+    """``fn`` over the adaptive memories: vmapped over their stacked axis, or called
+    once per memory when they come as a tuple (Pallas kernel bodies, which lower
+    no matmul with a batch axis).  A None tree (no momentum) passes None."""
+    if not isinstance(trees[0], tuple):
+        return jax.vmap(fn)(*trees)
+    n = len(trees[0])
+    outs = [fn(*(None if t is None else t[i] for t in trees)) for i in range(n)]
+    if not isinstance(outs[0], tuple):
+        return tuple(outs)
+    return tuple(None if all(o[j] is None for o in outs) else tuple(o[j] for o in outs)
+                 for j in range(len(outs[0])))
+
+
 def token_features(spec: SelfModifyingSpec, anchor, u, plain, readout):
     """k, v, q, eta, log alpha for a block of tokens from the anchor states.
 
     ``u [C, D]``; ``plain`` holds the non-adaptive vectors ``[C, D]`` and gate
     logits ``[C]``; ``readout[box] = (r [D], b [])`` for adaptive gates.
     """
-    # The adaptive memories are stacked on a leading axis (order spec.adaptive).
-    outs = (jax.vmap(lambda w: memory_apply(spec.kind, w, u))(anchor)
+    # The adaptive memories are stacked on a leading axis (order spec.adaptive),
+    # or a tuple of them in kernel bodies (``map_boxes``).
+    outs = (map_boxes(lambda w: memory_apply(spec.kind, w, u), anchor)
             if spec.adaptive else None)
     read = {box: outs[i] for i, box in enumerate(spec.adaptive)}
     feats = {}
@@ -474,7 +512,7 @@ def token_features(spec: SelfModifyingSpec, anchor, u, plain, readout):
     for box in GATE_BOXES:
         if box in spec.adaptive:
             r, b = readout[box]
-            logits[box] = read[box] @ r + b
+            logits[box] = jnp.sum(read[box] * r, -1) + b
         elif box in plain:
             logits[box] = plain[box]
     eta = spec.lr * jax.nn.sigmoid(logits["eta"])
@@ -526,6 +564,51 @@ def oracle_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout)
     return ys, SelfModifyingState(pos, MemoryTrack(*other), MemoryTrack(*mem))
 
 
+def adaptive_chunk(spec: SelfModifyingSpec, readout, carry, inputs, solve=unit_lower_solve):
+    """One chunk of the adaptive memories (stage 1 of ``chunked_sequence``, one head).
+
+    ``carry``: (current, momentum, anchor) of the stacked adaptive memories;
+    ``inputs``: (u ``[C, D]``, the plain vectors and gate logits, log beta
+    ``[C]``, valid ``[C]``, complete).  Reads k, v, q, eta, alpha from the
+    anchors, updates every adaptive memory with one set of gate matrices, and
+    moves the anchors when the chunk is complete.  Returns (carry, (k, v, q,
+    eta, log alpha))."""
+    cur, mom, anc = carry
+    u_k, plain_k, lb_k, valid_k, complete_k = inputs
+    k, v, q, eta, log_alpha = token_features(spec, anc, u_k, plain_k, readout)
+    eta = jnp.where(valid_k, eta, 0.0)
+    log_alpha = jnp.where(valid_k, log_alpha, 0.0)
+    lb_k = jnp.where(valid_k, lb_k, 0.0)
+    # One set of gate matrices for every layer of every adaptive memory.
+    terms = chunk_gate_terms(log_alpha, lb_k, valid_k, spec.momentum)
+    step = spec.step(eta, spec.chunk)
+    step_dgd = spec.preconditioner_step(step, log_alpha)
+
+    def update_box(cur_b, mom_b, anc_b):
+        _, new_cur_b, new_mom_b = memory_chunk(
+            spec.kind, cur_b, mom_b, anc_b, k, spec.target(anc_b, v), None, step, terms,
+            spec.objective, spec.dgd, spec.grad_clip, step_dgd, solve)
+        return new_cur_b, new_mom_b
+
+    new_cur, new_mom = map_boxes(update_box, cur, mom, anc)
+    anc = _where_tree(complete_k, new_cur, anc)
+    return (new_cur, new_mom, anc), (k, v, q, eta, log_alpha)
+
+
+def main_chunk(spec: SelfModifyingSpec, carry, inputs, solve=unit_lower_solve):
+    """One chunk of the main memory (stage 2 of ``chunked_sequence``, one head):
+    ``carry`` (current, momentum, anchor), ``inputs`` (k, v, q ``[C, D]``, the
+    per-token step and DGD step ``[C]``, the chunk's ``chunk_gate_terms``,
+    complete).  Returns (carry, the reads ``[C, D]``)."""
+    cur, mom, anc = carry
+    k_k, v_k, q_k, eta_k, eta_dgd_k, terms_k, complete_k = inputs
+    y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, spec.target(anc, v_k), q_k,
+                               eta_k, terms_k, spec.objective, spec.dgd, spec.grad_clip,
+                               eta_dgd_k, solve)
+    anc = _where_tree(complete_k, cur, anc)
+    return (cur, mom, anc), y
+
+
 def chunked_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout, streaming: bool):
     """Chunked path over one head of one sequence (same math as the oracle).
 
@@ -552,27 +635,7 @@ def chunked_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout
     (u_c, plain_c, lb_c), valid_o, complete_o = chunk_inputs(
         (u, plain, lb_all), spec.chunk, off_o)
 
-    def stage1(carry, inputs):
-        cur, mom, anc = carry
-        u_k, plain_k, lb_k, valid_k, complete_k = inputs
-        k, v, q, eta, log_alpha = token_features(spec, anc, u_k, plain_k, readout)
-        eta = jnp.where(valid_k, eta, 0.0)
-        log_alpha = jnp.where(valid_k, log_alpha, 0.0)
-        lb_k = jnp.where(valid_k, lb_k, 0.0)
-        # One set of gate matrices for every layer of every adaptive memory.
-        terms = chunk_gate_terms(log_alpha, lb_k, valid_k, spec.momentum)
-        step = spec.step(eta, spec.chunk)
-        step_dgd = spec.preconditioner_step(step, log_alpha)
-
-        def update_box(cur_b, mom_b, anc_b):
-            _, new_cur_b, new_mom_b = memory_chunk(
-                spec.kind, cur_b, mom_b, anc_b, k, spec.target(anc_b, v), None, step, terms,
-                spec.objective, spec.dgd, spec.grad_clip, step_dgd)
-            return new_cur_b, new_mom_b
-
-        new_cur, new_mom = jax.vmap(update_box)(cur, mom, anc)
-        anc = _where_tree(complete_k, new_cur, anc)
-        return (new_cur, new_mom, anc), (k, v, q, eta, log_alpha)
+    stage1 = functools.partial(adaptive_chunk, spec, readout)
 
     other = tuple(state.adaptive)
     if spec.adaptive:
@@ -597,18 +660,96 @@ def chunked_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout
     terms_c = jax.vmap(lambda la, lb, valid: chunk_gate_terms(
         la, lb, valid, spec.momentum, read_after))(la_c, lb_c, valid_m)
 
-    def stage2(carry, inputs):
-        cur, mom, anc = carry
-        k_k, v_k, q_k, eta_k, eta_dgd_k, terms_k, complete_k = inputs
-        y, cur, mom = memory_chunk(spec.kind, cur, mom, anc, k_k, spec.target(anc, v_k), q_k,
-                                   eta_k, terms_k, spec.objective, spec.dgd, spec.grad_clip,
-                                   eta_dgd_k)
-        anc = _where_tree(complete_k, cur, anc)
-        return (cur, mom, anc), y
+    stage2 = functools.partial(main_chunk, spec)
 
     mem, ys = jax.lax.scan(jax.checkpoint(stage2), tuple(state.main),
                            (k_c, v_c, q_c, eta_c, eta_dgd_c, terms_c, complete_m))
     y = unchunk(ys, off_m)
+    return y, SelfModifyingState(pos + t, MemoryTrack(*other), MemoryTrack(*mem))
+
+
+def _kernel_adaptive_step(spec: SelfModifyingSpec, carry, inputs):
+    """``adaptive_chunk`` as a kernel step: the readout travels with the chunk's inputs."""
+    *rest, readout = inputs
+    return adaptive_chunk(spec, readout, carry, tuple(rest), unit_lower_solve_by_masks)
+
+
+def _kernel_main_step(spec: SelfModifyingSpec, carry, inputs):
+    return main_chunk(spec, carry, inputs, unit_lower_solve_by_masks)
+
+
+def kernel_sequences(spec: SelfModifyingSpec, state: SelfModifyingState, u, plain, log_beta,
+                     readout, streaming: bool):
+    """``chunked_sequence`` for every head of every sequence, each stage's recurrence
+    over chunks in the chunk-scan kernels (``kernels/chunk_scan.py``: forward and
+    backward in Pallas, the memories resident on chip; interpret mode on the CPU).
+
+    The same chunk bodies (``adaptive_chunk``, ``main_chunk``) with the
+    triangular solve of kernel bodies (``unit_lower_solve_by_masks``).  Arguments
+    and results as ``apply_self_modifying``.
+    """
+    from nl_jax.memory.kernel_path import on_local_shards, require_backend
+    from nl_jax_kernels.chunk_scan import chunk_scan
+
+    require_backend("model.self_modifying.path", None)
+    b, t, h = u.shape[:3]
+    pos = state.pos
+    lb_all = log_beta if log_beta is not None else jnp.zeros((b, t, h), jnp.float32)
+
+    def chunked(tree, chunk, offset):       # [B, T, H, ...] -> [N, B, H, C, ...]
+        out = jax.tree.map(lambda x: jnp.moveaxis(
+            to_stream_chunks(x, offset, chunk, streaming)[0], 3, 2), tree)
+        _, valid, complete = to_stream_chunks(jnp.zeros((1, t)), offset, chunk, streaming)
+        n = complete.shape[0]
+        return (out, jnp.broadcast_to(valid[:, None, None], (n, b, h, chunk)),
+                jnp.broadcast_to(complete[:, None, None], (n, b, h)))
+
+    def unchunked(tree, offset):            # [N, B, H, C, ...] -> [B, T, H, ...]
+        return jax.tree.map(lambda y: from_stream_chunks(jnp.moveaxis(y, 2, 3), offset, t),
+                            tree)
+
+    def scan(step, carry, xs):               # -> (final carry, ys), as lax.scan
+        # (the chunk bodies slice values, which Pallas Triton does not lower: on
+        # a CUDA GPU the recurrence runs as the jnp reference scan)
+        run = functools.partial(chunk_scan, step, triton=False)
+        return on_local_shards(run, carry, xs)[::-1]
+
+    # Stage 1: adaptive memories.
+    other = tuple(state.adaptive)
+    if spec.adaptive:
+        off_o = pos % spec.chunk if streaming else 0
+        (u_c, plain_c, lb_c), valid_o, complete_o = chunked((u, plain, lb_all), spec.chunk,
+                                                            off_o)
+        n_o = valid_o.shape[0]
+        readout_c = jax.tree.map(
+            lambda r: jnp.broadcast_to(r, (n_o, b) + r.shape).astype(jnp.float32), readout)
+        n_boxes = len(spec.adaptive)          # one tree per memory (``map_boxes``)
+        per_box = tuple(None if tree is None else tuple(
+            jax.tree.map(lambda x, i=i: x[:, :, i], tree) for i in range(n_boxes))
+            for tree in other)
+        per_box, feats_c = scan(functools.partial(_kernel_adaptive_step, spec), per_box,
+                                (u_c, plain_c, lb_c, valid_o, complete_o, readout_c))
+        other = tuple(None if tree is None else jax.tree.map(
+            lambda *x: jnp.stack(x, axis=2), *tree) for tree in per_box)
+        k, v, q, eta, log_alpha = unchunked(feats_c, off_o)
+    else:
+        k, v, q, eta, log_alpha = token_features(spec, {}, u, plain, readout)
+
+    # Stage 2: the main memory; every chunk's gate matrices built before the scan.
+    off_m = pos % spec.memory_chunk if streaming else 0
+    (k_c, v_c, q_c, eta_c, la_c, lb_c), valid_m, complete_m = chunked(
+        (k, v, q, eta, log_alpha, lb_all), spec.memory_chunk, off_m)
+    eta_c = spec.step(jnp.where(valid_m, eta_c, 0.0), spec.memory_chunk)
+    la_c = jnp.where(valid_m, la_c, 0.0)
+    lb_c = jnp.where(valid_m, lb_c, 0.0)
+    eta_dgd_c = spec.preconditioner_step(eta_c, la_c)
+    read_after = spec.read == "after"
+    gate_terms = functools.partial(chunk_gate_terms, momentum=spec.momentum,
+                                   read_after=read_after)
+    terms_c = jax.vmap(jax.vmap(jax.vmap(gate_terms)))(la_c, lb_c, valid_m)
+    mem, ys = scan(functools.partial(_kernel_main_step, spec), tuple(state.main),
+                   (k_c, v_c, q_c, eta_c, eta_dgd_c, terms_c, complete_m))
+    y = unchunked(ys, off_m)
     return y, SelfModifyingState(pos + t, MemoryTrack(*other), MemoryTrack(*mem))
 
 
@@ -622,6 +763,9 @@ def apply_self_modifying(spec: SelfModifyingSpec, state: SelfModifyingState, u, 
     b [H])`` for the adaptive gates; ``streaming``: ``state`` continues an
     earlier segment (its position need not be a chunk boundary).
     """
+    if spec.path == "kernel":
+        return kernel_sequences(spec, state, u, plain, log_beta, readout, streaming)
+
     def one_head(st, u_h, plain_h, lb_h, ro_h):
         if spec.path == "oracle":
             return oracle_sequence(spec, st, u_h, plain_h, lb_h, ro_h)

@@ -15,7 +15,6 @@ from nl_jax.errors import ConfigError
 KINDS = ("linear", "mlp")
 OBJECTIVES = ("l2", "dot", "huber")
 PATHS = ("oracle", "chunked", "kernel")
-KERNEL_RULES = (("linear", "l2"), ("linear", "dot"))   # kernels/linear_memory.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +36,15 @@ class MemorySpec:
       chunk_size: C; all gradients of a chunk are taken at the chunk-start state.
         C = 1 is the exact per-token recurrence.
       path: ``"oracle"`` (per-token lax.scan), ``"chunked"`` (dual form), or
-        ``"kernel"`` (the dual form with its chunk recurrence in the Pallas
-        kernel ``kernels/linear_memory.py``; linear memory, l2 or dot objective;
-        Mosaic on TPUs, Triton on CUDA GPUs, interpret mode on the CPU).
+        ``"kernel"`` (the dual form with its recurrence over chunks in the
+        Pallas chunk-scan kernels, forward and backward: ``kernels/linear_memory.py``
+        for the linear memory with the l2 or dot objective, ``kernels/chunk_scan.py``
+        on ``chunked.py``'s chunk step otherwise; Mosaic on TPUs, Triton on CUDA
+        GPUs, interpret mode on the CPU).
       remat_every: chunks per rematerialised scan segment on the chunked path
-        (the linear fast path processes chunks in blocks of this size).
+        (the linear fast path processes chunks in blocks of this size); on the
+        kernel path, chunks per state saved for the backward kernel (which
+        recomputes the others).
       grad_clip: G > 0 bounds each token's step direction, layer by layer:
         u_t (rank one, E_t x_t^T) is scaled by min(1, G / |u_t|_F) before the
         momentum and forgetting gates act.  0 (default): no clipping.  Keeps a
@@ -65,10 +68,6 @@ class MemorySpec:
         _choice("kind", self.kind, KINDS)
         _choice("objective", self.objective, OBJECTIVES)
         _choice("path", self.path, PATHS)
-        if self.path == "kernel" and (self.kind, self.objective) not in KERNEL_RULES:
-            raise ConfigError(f"memory path='kernel' implements kind='linear' with objective "
-                              f"'l2' or 'dot', not kind={self.kind!r} objective="
-                              f"{self.objective!r}; use path='chunked'")
         for name in ("momentum", "weight_decay", "dgd"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"memory {name}={getattr(self, name)!r} must be "

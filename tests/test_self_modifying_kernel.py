@@ -1,0 +1,87 @@
+"""Hope's self-modifying memories through the chunk-scan kernels (``path="kernel"``,
+Pallas interpret mode on the CPU) == the chunked path (held to the per-token
+oracle by test_self_modifying), values, states and gradients."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from nl_jax.models.self_modifying import SelfModifyingTitans
+from tests.test_self_modifying import B, assert_close, assert_close_trees, inputs, make_cfg
+
+
+def _pair(**sm):
+    """The same (randomised) parameters under the kernel and the chunked path."""
+    sm.setdefault("lr", 0.9)
+    kernel = SelfModifyingTitans(make_cfg(path="kernel", **sm), rngs=nnx.Rngs(0))
+    chunked = SelfModifyingTitans(make_cfg(path="chunked", **sm), rngs=nnx.Rngs(0))
+    params = nnx.state(kernel, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    pure = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (jax.random.uniform(next(keys), leaf.shape, minval=-1.0, maxval=1.5)
+                            if "bias" in jax.tree_util.keystr(path) else leaf),
+        params.to_pure_dict())
+    nnx.replace_by_pure_dict(params, pure)
+    nnx.update(kernel, params)
+    nnx.update(chunked, params)
+    return kernel, chunked
+
+
+def _loss(gdef, params, x, state=None):
+    y, new_state = nnx.merge(gdef, params)(x, state)
+    return jnp.sum(jnp.sin(3.0 * y)), (y, new_state)
+
+
+@pytest.mark.parametrize("sm", [
+    dict(memory="mlp", chunk_size=4, memory_chunk_size=3),                  # Hope
+    dict(memory="linear", chunk_size=2, memory_chunk_size=4, dgd=False, objective="dot",
+         momentum=False),
+])
+def test_kernel_path_equals_chunked_path(sm):
+    """T = 13 (the last chunk of both stages partial): values, final states, and the
+    gradients w.r.t. every parameter (initial memory states included) and the input."""
+    kernel, chunked = _pair(**sm)
+    x = inputs(13)
+    grad = jax.jit(jax.grad(_loss, argnums=(1, 2), has_aux=True), static_argnums=0)
+    results = []
+    for mixer in (kernel, chunked):
+        gdef, params = nnx.split(mixer)
+        results.append(grad(gdef, params, x))
+    (g_k, (y_k, s_k)), (g_c, (y_c, s_c)) = results
+    assert float(jnp.abs(y_c).max()) > 0.1
+    assert_close(y_k, y_c, 1e-5)
+    assert_close_trees(s_k, s_c, 1e-5)
+    assert_close_trees(g_k, g_c, 1e-4)
+    g_init = g_k[0]["memories"]["memory"]
+    assert max(float(jnp.abs(v[...]).max()) for v in jax.tree.leaves(g_init)) > 0
+
+
+def test_kernel_path_streams_from_inside_a_chunk():
+    """Two segments, the second starting inside a chunk of both stages (offsets 5 mod
+    4 and 5 mod 3), state carried == the chunked path on the same segments."""
+    kernel, chunked = _pair(memory="mlp", chunk_size=4, memory_chunk_size=3)
+    x = inputs(11, seed=2)
+    outs = []
+    for mixer in (kernel, chunked):
+        gdef, params = nnx.split(mixer)
+        run = jax.jit(lambda p, x, s=None, g=gdef: nnx.merge(g, p)(x, s))
+        y1, s1 = run(params, x[:, :5])
+        y2, s2 = run(params, x[:, 5:], s1)
+        outs.append((jnp.concatenate([y1, y2], 1), s2))
+    assert outs[0][0].shape == (B, 11, outs[0][0].shape[-1])
+    assert_close(outs[0][0], outs[1][0], 1e-5)
+    assert_close_trees(outs[0][1], outs[1][1], 1e-5)
+
+
+def test_kernel_path_lowers_for_cuda_as_the_reference_scan():
+    """Hope's chunk bodies do not lower through Pallas Triton (they slice values): on
+    a CUDA GPU path='kernel' runs the jnp reference scan, forward and backward,
+    instead of failing to lower (checked by lowering for CUDA from this host)."""
+    kernel, _ = _pair(memory="mlp", chunk_size=4, memory_chunk_size=4)
+    gdef, params = nnx.split(kernel)
+    x = inputs(9)
+    for fn in (lambda p, x: _loss(gdef, p, x)[0],
+               jax.grad(lambda p, x: _loss(gdef, p, x)[0], argnums=(0, 1))):
+        text = jax.jit(fn).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" not in text and "tpu_custom_call" not in text
