@@ -1,6 +1,16 @@
 """Text corpora -> token cache -> grain datasets of fixed-length windows.
 
-Windows.  The corpus is one token array (files in order, each followed by
+Corpus.  Either the files data.train_files matches, tokenized through the
+token cache (``token_cache.py``), or, when data.prepared names a folder made
+by ``python -m nl_jax data prepare``, that folder's shards, read with grain's
+``ArrayRecordDataSource`` (``prepared.py``: startup reads its manifest only,
+O(shards)); its manifest's tokenizer must be data.tokenizer.  Both give one
+token array (documents in order, each followed by eos) and the same windows,
+stream and batches from it: plain-text files prepared with the same tokenizer
+give exactly the batches of data.train_files.  Evaluation reads
+data.eval_files (text files) either way.
+
+Windows.  The corpus is one token array (documents in order, each followed by
 eos).  Window ``w`` is ``tokens[w*L : w*L + L + 1]`` for ``L = seq_len``:
 ``inputs`` are its first L tokens, ``targets`` its last L, so consecutive
 windows share one token and every token but the first is a target at most
@@ -33,6 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from nl_jax.data import prepared as prepared_lib
 from nl_jax.data import text_files, token_cache
 from nl_jax.errors import ConfigError, DataError
 
@@ -76,6 +87,26 @@ def resolve_cache_dir(data_cfg, base_dir: str) -> str | None:
     return cache_dir if os.path.isabs(cache_dir) else os.path.join(base_dir, cache_dir)
 
 
+def resolve_prepared_dir(data_cfg, base_dir: str) -> str | None:
+    """Absolute data.prepared folder, or None when data.prepared is empty (or absent)."""
+    folder = _cfg_value(data_cfg, "prepared", None)
+    if not folder:
+        return None
+    if not isinstance(folder, str):
+        raise ConfigError(f"config key data.prepared must be a folder path (a string), got "
+                          f"{folder!r}")
+    folder = os.path.expanduser(folder)
+    return folder if os.path.isabs(folder) else os.path.join(base_dir, folder)
+
+
+def open_prepared(data_cfg, tokenizer, *, base_dir: str) -> prepared_lib.PreparedCorpus | None:
+    """The data.prepared corpus (manifest checked against the tokenizer), or None."""
+    folder = resolve_prepared_dir(data_cfg, base_dir)
+    if folder is None:
+        return None
+    return prepared_lib.open_corpus(folder, tokenizer, _cfg_value(data_cfg, "tokenizer"))
+
+
 def corpus_tokens(patterns, tokenizer, *, base_dir: str, cache_dir: str | None,
                   key: str) -> token_cache.TokenCache:
     """Tokens of the files the patterns (config key `key`) match, via the cache."""
@@ -88,20 +119,29 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
     return max(num_tokens - 1, 0) // seq_len
 
 
-def _require_windows(cache: token_cache.TokenCache, seq_len: int, needed: int,
-                     key: str, patterns) -> int:
-    available = num_windows(int(cache.tokens.size), seq_len)
+def _require_windows(num_tokens: int, seq_len: int, needed: int, source: str) -> int:
+    """Windows in `num_tokens` tokens; a DataError naming `source` (the config key
+    and its value) when they fill fewer than `needed`."""
+    available = num_windows(num_tokens, seq_len)
     if available < needed:
         raise DataError(
-            f"{key} {list(text_files.as_patterns(patterns))} gives {cache.tokens.size} "
-            f"tokens, but one batch of {needed} windows of seq_len={seq_len} needs "
-            f"{needed * seq_len + 1}; add text or lower data.seq_len / data.batch_size")
+            f"{source} gives {num_tokens} tokens, but one batch of {needed} windows of "
+            f"seq_len={seq_len} needs {needed * seq_len + 1}; add text or lower "
+            f"data.seq_len / data.batch_size")
     return available
+
+
+def _files_source(key: str, patterns) -> str:
+    return f"{key} {list(text_files.as_patterns(patterns))}"
 
 
 def gather_windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int
                    ) -> dict[str, np.ndarray]:
-    """{"inputs", "targets"}: int32 [len(window_ids), seq_len] (see module doc)."""
+    """{"inputs", "targets"}: int32 [len(window_ids), seq_len] (see module doc).
+
+    `tokens`: anything indexed like a 1-D numpy array by an integer array (a
+    memmap, ``token_cache.VerifiedTokens``, ``prepared.PreparedTokens``).
+    """
     starts = np.asarray(window_ids, dtype=np.int64)[:, None] * seq_len
     windows = np.asarray(tokens[starts + np.arange(seq_len + 1)], dtype=np.int32)
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
@@ -200,17 +240,28 @@ def build_train_iterator(data_cfg, tokenizer, *, seed: int, base_dir: str,
     seq_len = _positive_int(data_cfg, "seq_len")
     batch_size = _positive_int(data_cfg, "batch_size")
     local_batch_size(batch_size, process_count)
-    patterns = _cfg_value(data_cfg, "train_files")
-    cache = corpus_tokens(patterns, tokenizer, base_dir=base_dir,
-                          cache_dir=resolve_cache_dir(data_cfg, base_dir),
-                          key="data.train_files")
-    _require_windows(cache, seq_len, batch_size, "data.train_files", patterns)
-    dataset = train_dataset(cache.tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
+    corpus = open_prepared(data_cfg, tokenizer, base_dir=base_dir)
+    if corpus is not None:
+        log.info("training on the prepared shards in %s (%d shards, %d tokens; "
+                 "data.train_files is not read)", corpus.folder,
+                 len(corpus.manifest["shards"]), corpus.tokens.size)
+        tokens, identity, hashes = corpus.tokens, corpus.identity, corpus.file_hashes
+        source = f"data.prepared {corpus.folder}"
+    else:
+        patterns = _cfg_value(data_cfg, "train_files")
+        cache = corpus_tokens(patterns, tokenizer, base_dir=base_dir,
+                              cache_dir=resolve_cache_dir(data_cfg, base_dir),
+                              key="data.train_files")
+        tokens, identity = cache.tokens, cache.identity
+        hashes = dict(zip(cache.files, cache.file_hashes, strict=True))
+        source = _files_source("data.train_files", patterns)
+    _require_windows(int(tokens.size), seq_len, batch_size, source)
+    dataset = train_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
-    iterator = TrainBatchIterator(dataset, seed=seed, corpus_key=cache.identity,
+    iterator = TrainBatchIterator(dataset, seed=seed, corpus_key=identity,
                                   seq_len=seq_len, batch_size=batch_size,
-                                  num_tokens=int(cache.tokens.size))
-    iterator.file_hashes = dict(zip(cache.files, cache.file_hashes, strict=True))
+                                  num_tokens=int(tokens.size))
+    iterator.file_hashes = hashes
     return iterator
 
 
@@ -239,7 +290,8 @@ def build_eval_batches(data_cfg, tokenizer, *, base_dir: str, num_batches: int,
     patterns = files if files is not None else _cfg_value(data_cfg, "eval_files")
     cache = corpus_tokens(patterns, tokenizer, base_dir=base_dir,
                           cache_dir=resolve_cache_dir(data_cfg, base_dir), key=key)
-    total = _require_windows(cache, seq_len, batch_size, key, patterns)
+    total = _require_windows(int(cache.tokens.size), seq_len, batch_size,
+                             _files_source(key, patterns))
     if train_hashes:
         by_hash = {h: f for f, h in train_hashes.items()}
         shared = [(f, by_hash[h]) for f, h in zip(cache.files, cache.file_hashes, strict=True)
@@ -258,19 +310,26 @@ def build_eval_batches(data_cfg, tokenizer, *, base_dir: str, num_batches: int,
 
 
 def token_count_summary(data_cfg, tokenizer, *, base_dir: str) -> dict[str, dict[str, Any]]:
-    """Files, tokens, windows and batches per epoch of the train and eval corpora."""
+    """Files, tokens, windows and batches per epoch of the train and eval corpora
+    (the train corpus from data.prepared when set: its input files, from the
+    manifest)."""
     seq_len = _positive_int(data_cfg, "seq_len")
     batch_size = _positive_int(data_cfg, "batch_size")
     cache_dir = resolve_cache_dir(data_cfg, base_dir)
     summary = {}
+    corpus = open_prepared(data_cfg, tokenizer, base_dir=base_dir)
     for name in ("train_files", "eval_files"):
-        patterns = _cfg_value(data_cfg, name, None)
-        if not patterns:
-            continue
-        cache = corpus_tokens(patterns, tokenizer, base_dir=base_dir, cache_dir=cache_dir,
-                              key=f"data.{name}")
-        windows = num_windows(int(cache.tokens.size), seq_len)
+        if name == "train_files" and corpus is not None:
+            files, tokens = len(corpus.manifest["inputs"]), int(corpus.tokens.size)
+        else:
+            patterns = _cfg_value(data_cfg, name, None)
+            if not patterns:
+                continue
+            cache = corpus_tokens(patterns, tokenizer, base_dir=base_dir,
+                                  cache_dir=cache_dir, key=f"data.{name}")
+            files, tokens = len(cache.files), int(cache.tokens.size)
+        windows = num_windows(tokens, seq_len)
         summary[name.split("_")[0]] = {
-            "files": len(cache.files), "tokens": int(cache.tokens.size),
+            "files": files, "tokens": tokens,
             "windows": windows, "batches_per_epoch": windows // batch_size}
     return summary
