@@ -8,6 +8,18 @@ per-chip memory from XLA's memory analysis against the chip's HBM.
 ``--topology local`` compiles for this machine's own devices instead (a GPU,
 or the CPU with ``--xla_force_host_platform_device_count``): the same report
 without libtpu.
+
+It also estimates the step time and MFU (``estimate``), a roofline: the
+analytic model FLOPs of a step (``nl_jax/models/flops.py``) against the chips'
+peak for ``model.dtype`` (``train/mfu.py``: the datasheet table, or this
+host's measured rate for a CPU), and the bytes the compiled step accesses per
+chip (XLA's ``cost_analysis()``) against the chip's HBM bandwidth; the step
+takes at least the longer of the two.  The bytes that the step's collectives
+(all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute)
+return per chip are read from the compiled program and reported, not timed
+(no interconnect model).  XLA counts a loop body once, in its cost analysis
+and here: for models that scan (the in-context memories' chunk scans) the
+bytes are lower bounds, the analytic FLOPs are not.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,6 +36,7 @@ import numpy as np
 
 from nl_jax import config as config_lib
 from nl_jax.errors import UserError
+from nl_jax.train import mfu as mfu_lib
 
 # HBM per chip in GiB, by device_kind prefix.
 HBM_GIB = {"NVIDIA H100": 80, "NVIDIA H200": 141, "TPU v4": 32, "TPU v5 lite": 16,
@@ -163,6 +177,86 @@ def step_bytes(memory_analysis) -> int:
                - m.alias_size_in_bytes)
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+# "%name = TYPE opcode(" of an HLO instruction; the type may be a tuple with spaces.
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.*?)\s"
+                         r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<start>-start)?\(")
+_ARRAY = re.compile(r"\b(?P<dtype>pred|[subfc]\d+|bf16|f8\w*|f4\w*)\[(?P<dims>[\d,]*)\]")
+
+
+def _dtype_bytes(dtype: str) -> float:
+    if dtype == "pred":
+        return 1
+    bits = re.match(r"[a-z]+(\d+)", dtype)
+    return int(bits.group(1)) / 8 if bits else 0
+
+
+def collective_bytes(hlo_text: str) -> tuple[int, dict[str, int]]:
+    """(bytes, ``{op: count}``) of the collectives of a compiled (per-device) HLO
+    module: the sum of what each one returns.  An async ``*-start`` returns its
+    operands and outputs (and scalar contexts): its outputs, the second half of
+    its arrays, are counted; ``*-done`` is not counted again.  Each instruction
+    counts once, also inside a loop body."""
+    total, counts = 0.0, {}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.match(line)
+        if not match:
+            continue
+        arrays = [(a["dtype"], [int(x) for x in a["dims"].split(",") if x])
+                  for a in _ARRAY.finditer(match["type"])]
+        if match["start"]:
+            arrays = [(t, dims) for t, dims in arrays if dims or t not in ("u32", "s32")]
+            if match["op"] != "all-reduce":      # all-reduce-start returns its outputs only
+                arrays = arrays[len(arrays) // 2:]
+        total += sum(_dtype_bytes(t) * float(np.prod(dims)) for t, dims in arrays)
+        counts[match["op"]] = counts.get(match["op"], 0) + 1
+    return int(total), counts
+
+
+def estimate(config, devices, cost: dict, hlo_text: str | None) -> dict[str, Any]:
+    """The roofline estimate of one step (module docstring) of ``config`` on
+    ``devices``, from the compiled step's ``cost`` analysis and HLO text (None:
+    not available).  Times in seconds; None where a figure is not known."""
+    from nl_jax.models.flops import model_flops_per_token
+    flops_per_token = model_flops_per_token(config)
+    tokens = config.data.batch_size * config.data.seq_len
+    flops_per_step = flops_per_token * tokens
+    kind = devices[0].device_kind
+    peak = mfu_lib.device_peak(devices, config.model.dtype)
+    accessed = cost.get("bytes accessed")
+    accessed = float(accessed) if accessed is not None else None
+    if hlo_text is None:
+        coll_bytes, note = None, "XLA reports no program text: collective bytes unknown"
+    else:
+        coll_bytes, counts = collective_bytes(hlo_text)
+        note = (", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) if counts
+                else "none in the compiled program")
+    out = {"model_flops_per_token": flops_per_token, "model_flops_per_step": flops_per_step,
+           "peak_flops_per_chip": None, "peak_flops": None,
+           "peak_source": mfu_lib.unknown_peak_note(kind), "hbm_bytes_per_s": None,
+           "bytes_accessed_per_chip": accessed, "collective_bytes_per_chip": coll_bytes,
+           "collectives": note, "compute_s": None, "memory_s": None, "est_step_s": None,
+           "est_mfu": None, "est_tokens_per_s": None, "bound": None}
+    if peak is None:
+        return out
+    compute_s = flops_per_step / peak.flops
+    memory_s = (accessed / peak.hbm_bytes_per_s
+                if peak.hbm_bytes_per_s and accessed is not None else None)
+    step_s = max(compute_s, memory_s or 0.0)
+    if memory_s is None:
+        bound = (f"compute (no HBM bandwidth known for {kind})" if accessed is not None
+                 else "compute (XLA reports no bytes accessed)")
+    else:
+        bound = "compute" if compute_s >= memory_s else "memory"
+    out.update(peak_flops_per_chip=peak.flops_per_chip, peak_flops=peak.flops,
+               peak_source=peak.source, hbm_bytes_per_s=peak.hbm_bytes_per_s,
+               compute_s=compute_s, memory_s=memory_s, est_step_s=step_s,
+               est_mfu=mfu_lib.mfu(flops_per_token, tokens / step_s, peak),
+               est_tokens_per_s=tokens / step_s, bound=bound)
+    return out
+
+
 def preflight(config, topology: str) -> dict[str, Any]:
     devices = topology_devices(topology)
     config_lib.validate(config, len(devices))
@@ -181,15 +275,27 @@ def preflight(config, topology: str) -> dict[str, Any]:
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(program.abstract_params)))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    return {"topology": topology, "device_kind": kind, "chips": len(devices),
-            "mesh": dict(program.mesh.shape), "params": n_params,
-            "tokens_per_step": shape[0] * shape[1],
-            "argument_gib": gib(mem.argument_size_in_bytes),
-            "temp_gib": gib(mem.temp_size_in_bytes),
-            "output_gib": gib(mem.output_size_in_bytes),
-            "per_chip_gib": per_chip, "usable_hbm_gib": hbm,
-            "fits": None if hbm is None else per_chip <= hbm,
-            "flops_per_chip": float(cost.get("flops", 0.0))}
+    try:
+        hlo_text = compiled.as_text()
+    except Exception:     # a backend that cannot print its executable
+        hlo_text = None
+    report = {"topology": topology, "device_kind": kind, "chips": len(devices),
+              "mesh": dict(program.mesh.shape), "params": n_params,
+              "tokens_per_step": shape[0] * shape[1],
+              "argument_gib": gib(mem.argument_size_in_bytes),
+              "temp_gib": gib(mem.temp_size_in_bytes),
+              "output_gib": gib(mem.output_size_in_bytes),
+              "per_chip_gib": per_chip, "usable_hbm_gib": hbm,
+              "fits": None if hbm is None else per_chip <= hbm,
+              "flops_per_chip": float(cost.get("flops", 0.0))}
+    report.update(estimate(config, devices, cost, hlo_text))
+    return report
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if value and not 1e-2 <= abs(value) < 1e5 else f"{value:.3f}"
+    return str(value)
 
 
 def main(argv: list[str]) -> int:
@@ -200,8 +306,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(rest)
     report = preflight(config, args.topology)
+    width = max(map(len, report))
     for k, v in report.items():
-        print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
+        print(f"{k:>{width}}: {_shown(v)}")
+    if report["est_step_s"] is not None:
+        print(f"estimated step: {report['est_step_s']:.4g} s ({report['bound']} bound), "
+              f"MFU {report['est_mfu']:.3f}, {report['est_tokens_per_s']:.4g} tokens/s "
+              f"(roofline: model FLOPs vs peak, bytes accessed vs HBM bandwidth; "
+              f"collectives not timed)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

@@ -23,6 +23,7 @@ from nl_jax.errors import (
 )
 from nl_jax.train import checkpoint as ckpt_lib
 from nl_jax.train import metrics as metrics_lib
+from nl_jax.train import mfu as mfu_lib
 from nl_jax.train.distributed import agreed_max, is_primary
 from nl_jax.train.lock import RunLock
 from nl_jax.train.mesh import check_process_rows
@@ -69,6 +70,8 @@ class Trainer:
                 f"the tokenizer {config.data.tokenizer.path} "
                 f"(vocab size {self.tokenizer.vocab_size}); set "
                 f"--config.model.vocab_size={self.tokenizer.vocab_size}")
+        # train.wandb checked (installed, a known mode) before anything is written
+        wandb = metrics_lib.wandb_settings(config.train) if purpose == "train" else None
 
         # The one program builder (train/aot.py), shared with the pre-flight.
         from nl_jax.train.aot import train_program
@@ -118,7 +121,9 @@ class Trainer:
             self.close()
             raise
         self.writer = metrics_lib.MetricsWriter(
-            workdir, enabled=write_metrics and is_primary() and purpose == "train")
+            workdir, enabled=write_metrics and is_primary() and purpose == "train",
+            wandb=wandb, run_config=config.to_dict())
+        self.compile_s = None        # seconds the train step took to compile (compile())
         self.resumed_from = None
         self.saved_config = None     # the checkpoint's config, once restored
 
@@ -248,9 +253,13 @@ class Trainer:
                 "tokens": int(count)}
 
     def compile(self) -> None:
-        """Compiles the step once and logs its memory footprint."""
+        """Compiles the step once (its time in ``compile_s``: lowering and
+        compilation, or reading the compilation cache) and logs its memory
+        footprint."""
         batch = self.device_batch(_peek_batch(self.config))
+        start = time.perf_counter()
         compiled = self.train_step.lower(self.state, batch).compile()
+        self.compile_s = time.perf_counter() - start
         mem = compiled.memory_analysis()
         if mem is not None:
             log.info("step memory per device: args %.1f MiB, temp %.1f MiB, out %.1f MiB",
@@ -352,6 +361,27 @@ def train(config, workdir: str, *, devices=None, fresh_start: bool = False) -> d
             trainer.close()
 
 
+def _utilisation_inputs(config, devices, primary: bool, say):
+    """(model FLOPs per token, the devices' peak) for the ``model_flops_per_token``
+    and ``mfu`` log keys (``train/mfu.py``), on process 0 (the one that logs);
+    either is None where unknown, with a notice."""
+    if not primary:
+        return None, None
+    from nl_jax.models.flops import model_flops_per_token
+    try:
+        flops_per_token = model_flops_per_token(config)
+    except ConfigError as e:
+        say(f"notice: no model_flops_per_token or mfu in the logs: {e}")
+        return None, None
+    peak = mfu_lib.device_peak(devices, config.model.dtype)
+    if peak is None:
+        say(f"notice: {mfu_lib.unknown_peak_note(devices[0].device_kind)}")
+    else:
+        say(f"model FLOPs per token {flops_per_token:.4g} (nl_jax/models/flops.py); mfu "
+            f"against {peak.flops:.4g} FLOP/s peak ({peak.source})")
+    return flops_per_token, peak
+
+
 def _outputs_complete(workdir: str) -> bool:
     """Whether a finished run wrote its end-of-run outputs (``final_metrics.json``
     is written last, atomically)."""
@@ -408,8 +438,11 @@ def _train(trainer: Trainer, config, workdir: str, stop: StopSignals,
     if primary:
         _write_json_atomically(os.path.join(workdir, "config.json"), config.to_dict(),
                                default=str)
+    trainer.writer.start()    # a W&B run that cannot start fails before the compile
+    flops_per_token, peak = _utilisation_inputs(config, trainer.devices, primary, say)
     if not stop.stop:      # a stop signal during startup: no step will run
         trainer.compile()
+    compile_s = trainer.compile_s     # logged with the first record of this invocation
 
     # Ctrl-C or SIGTERM (a preempted VM): finish the step, save, exit; a second
     # signal exits at once without saving (``StopSignals``).  These handlers
@@ -445,6 +478,9 @@ def _train(trainer: Trainer, config, workdir: str, stop: StopSignals,
                 m.update(perplexity=float(np.exp(min(m["loss"], 50.0))),
                          step_ms=1000 * dt / window_steps,
                          tokens_per_s=tokens_per_step * window_steps / dt)
+                m.update(mfu_lib.utilisation(m["tokens_per_s"], flops_per_token, peak))
+                if compile_s is not None:
+                    m["compile_s"], compile_s = compile_s, None
                 if "lr" not in m:
                     lrs = [v for k, v in m.items() if k.startswith("lr/")]
                     if lrs:

@@ -1,14 +1,20 @@
-"""Metrics sinks: JSONL, TensorBoard, terminal progress, loss-curve PNG."""
+"""Metrics sinks: JSONL, TensorBoard, Weights & Biases, terminal progress, loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from nl_jax.errors import ConfigError, UserError
+
+WANDB_MODES = ("offline", "online")
+WANDB_INSTALL = "pip install 'nl_jax[wandb]'"
 
 
 def to_python(metrics: dict[str, Any]) -> dict[str, float]:
@@ -19,22 +25,118 @@ def to_python(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class MetricsWriter:
-    """Writes each record to ``metrics.jsonl`` and TensorBoard event files.
+def wandb_settings(train_config) -> dict[str, Any] | None:
+    """``train.wandb`` as a dict when it is enabled (None when off or absent: a
+    config saved before the key existed), checked: a known ``mode``, a
+    ``project``, and ``wandb`` importable; else one ``ConfigError``."""
+    settings = train_config.get("wandb", None)
+    settings = dict(settings) if settings else {}
+    if not settings.get("enabled", False):
+        return None
+    mode = settings.get("mode", "offline")
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"config key train.wandb.mode={mode!r}: choose one of "
+                          f"{', '.join(WANDB_MODES)}")
+    if not str(settings.get("project", "")).strip():
+        raise ConfigError("config key train.wandb.project is empty: name the W&B project, "
+                          "e.g. --config.train.wandb.project=nl_jax")
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"config key train.wandb.enabled=True, but wandb cannot be "
+                          f"imported ({e}): {WANDB_INSTALL}, or set "
+                          f"--config.train.wandb.enabled=False") from None
+    return settings
 
-    Files are opened at the first record, so a run that fails before its first
-    step leaves nothing behind.  ``truncate(step)`` (on resume) drops the
-    records after ``step`` that a killed run logged past its last checkpoint,
-    from the JSONL file and (``purge_step``) from TensorBoard, so a resumed
-    run's curves have each step once.
+
+class WandbRun:
+    """A Weights & Biases run next to TensorBoard: the same records (as
+    ``split/key`` at the record's step) and the resolved config.
+
+    Its files go to ``$WANDB_DIR`` when set, else ``WORKDIR/wandb/``.  The run id
+    is kept in ``WORKDIR/wandb_run_id``: a resumed training run continues its W&B
+    run (``resume="allow"``), a run that starts from step 0 is a new one.  W&B
+    cannot delete logged steps (``truncate`` cannot reach them): the records a
+    killed run logged past its last checkpoint stay, and W&B ignores a resumed
+    run's records at steps it already holds (with bit-exact resume their losses
+    are the same; timings may differ).  W&B's console capture is off (the loop
+    prints its own lines).
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, settings: dict[str, Any], workdir: str, run_config: dict | None):
+        self.settings = settings
+        self.workdir = workdir
+        self.run_config = run_config
+        self.id_path = os.path.join(workdir, "wandb_run_id")
+        self.run = None
+
+    def start(self, resume: bool) -> None:
+        """Starts (or, with ``resume`` and a kept run id, continues) the W&B run;
+        a ``UserError`` if W&B refuses (e.g. online without credentials)."""
+        import wandb
+        run_id = None
+        if resume and os.path.exists(self.id_path):
+            with open(self.id_path, encoding="utf-8") as f:
+                run_id = f.read().strip() or None
+        new = run_id is None
+        run_id = secrets.token_hex(4) if new else run_id
+        s = self.settings
+        directory = None if os.environ.get("WANDB_DIR") else self.workdir
+        try:
+            self.run = wandb.init(project=s["project"], entity=s.get("entity") or None,
+                                  name=s.get("name") or None, mode=s.get("mode", "offline"),
+                                  id=run_id, resume="allow", dir=directory,
+                                  config=self.run_config,
+                                  settings=wandb.Settings(console="off"))
+        except Exception as e:      # wandb raises its own error types (UsageError, ...)
+            message = " ".join(str(e).split())
+            raise UserError(f"train.wandb: cannot start the W&B run ({type(e).__name__}: "
+                            f"{message}); for mode=online run `wandb login` or set "
+                            f"WANDB_API_KEY, or use --config.train.wandb.mode=offline or "
+                            f"--config.train.wandb.enabled=False") from None
+        if new:
+            with open(self.id_path, "w", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+
+    def log(self, step: int, split: str, record: dict[str, Any]) -> None:
+        self.run.log({f"{split}/{k}": v for k, v in record.items()
+                      if k not in ("step", "split") and isinstance(v, (int, float))},
+                     step=int(step))
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class MetricsWriter:
+    """Writes each record to ``metrics.jsonl``, TensorBoard event files and,
+    with ``wandb`` settings (``train.wandb``, see ``wandb_settings``), a Weights
+    & Biases run (``WandbRun``; ``run_config``: the resolved config it records).
+
+    Files are opened at the first record, so a run that fails before its first
+    step leaves nothing behind (but the W&B run's, once ``start`` was called).
+    ``truncate(step)`` (on resume) drops the records after ``step`` that a
+    killed run logged past its last checkpoint, from the JSONL file and
+    (``purge_step``) from TensorBoard, so a resumed run's curves have each step
+    once.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True,
+                 wandb: dict[str, Any] | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = self._file = None
         self._purge_step = None
+        self._wandb = WandbRun(wandb, workdir, run_config) if wandb and enabled else None
+
+    def start(self) -> None:
+        """Starts the W&B run now, before the first record (the other files wait
+        for it): a W&B run that cannot start fails the run before its step is
+        compiled."""
+        if self._wandb is not None and self._wandb.run is None:
+            self._wandb.start(resume=bool(self._purge_step and self._purge_step > 1))
 
     def truncate(self, step: int) -> None:
         if not self.enabled:
@@ -77,6 +179,7 @@ class MetricsWriter:
 
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
+        self.start()     # first: a W&B failure leaves no metrics files
         os.makedirs(self.workdir, exist_ok=True)
         self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
                                  purge_step=self._purge_step)
@@ -96,12 +199,16 @@ class MetricsWriter:
             if (k not in ("step", "split") and isinstance(v, (int, float))
                     and np.isfinite(v)):
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, split, record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._tb.close()
             self._file = self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def _record_step(line: str) -> float:
@@ -128,8 +235,9 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if metrics:
+                extra = {"mfu": f"{metrics['mfu']:.3f}"} if "mfu" in metrics else {}
                 self.bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                                     tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
+                                     tok_s=f"{metrics.get('tokens_per_s', 0):.0f}", **extra)
         elif metrics and self.enabled:
             print(format_line(step, metrics), flush=True)
 
@@ -145,7 +253,8 @@ class Progress:
 
 
 def format_line(step: int, metrics: dict[str, float]) -> str:
-    keys = ("loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_ms")
+    keys = ("loss", "perplexity", "grad_norm", "lr", "tokens_per_s", "step_ms", "mfu",
+            "compile_s")
     parts = [f"step {step}"]
     for k in keys:
         if k in metrics:
