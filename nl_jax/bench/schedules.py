@@ -28,8 +28,9 @@ section 7).  The first half of the steps trains on the fiction of
 ``data.train_files``, the second half on another distribution (default: the
 first 80% of the bundled WikiText-2 text); rows add ``eval_loss_mid`` (the
 fiction held-out loss after the first half), ``forgetting`` (``eval_loss``
-at the end minus ``eval_loss_mid``) and ``eval_loss_shift`` (held-out loss on
-the last 20% of the second text).
+at the end minus ``eval_loss_mid``: ``bench forgetting``'s definition,
+``forgetting.average_forgetting``, on these two stages) and ``eval_loss_shift``
+(held-out loss on the last 20% of the second text).
 
 ``--config FILE --grid KEY=V1;V2 ... --steps N --out DIR [--config.KEY=VALUE]``:
 a sweep on any config instead of the toy model (``nl_jax/bench/sweep.py``):
@@ -50,6 +51,7 @@ import os
 import jax
 import numpy as np
 
+from nl_jax.bench import forgetting as forgetting_lib
 from nl_jax.bench import tiny_lm
 from nl_jax.errors import ConfigError, DataError
 
@@ -209,7 +211,9 @@ def main(argv: list[str]) -> int:
                       "eval_loss": final["heldout"]}
             if args.shift:
                 mid = run["evals"][steps_a]["heldout"]
-                values.update(eval_loss_mid=mid, forgetting=final["heldout"] - mid,
+                matrix = [[mid], [final["heldout"], final["shift"]]]   # stage x domain
+                values.update(eval_loss_mid=mid,
+                              forgetting=forgetting_lib.average_forgetting(matrix),
                               eval_loss_shift=final["shift"])
             runs.append((run, values))
         curves[name] = np.mean([run["losses"] for run, _ in runs], axis=0)

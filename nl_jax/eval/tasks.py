@@ -249,8 +249,16 @@ PAPER = ("wikitext", "lambada_openai", "piqa", "winogrande", "arc_easy", "arc_ch
          "boolq")
 
 
+def available() -> str:
+    """The task names ``--tasks`` accepts, for error messages."""
+    from nl_jax.eval.longcontext import NIAH_TASKS
+    return f"paper, {', '.join(TASKS)}, {', '.join(NIAH_TASKS)}"
+
+
 def resolve(spec: str) -> list[str]:
-    """Task names from ``--tasks`` (comma separated; ``paper``: ``PAPER``)."""
+    """Task names from ``--tasks`` (comma separated; ``paper``: ``PAPER``).  The
+    long-context tasks (``nl_jax.eval.longcontext``) are run there, not here."""
+    from nl_jax.eval.longcontext import NIAH_TASKS
     names: list[str] = []
     for raw in spec.split(","):
         name = raw.strip()
@@ -260,14 +268,16 @@ def resolve(spec: str) -> list[str]:
         for n in expanded:
             if n in NOT_BUNDLED:
                 raise UserError(f"eval: task {n!r} is not bundled (no faithful offline copy "
-                                f"exists); available: paper, {', '.join(TASKS)}")
+                                f"exists); available: {available()}")
+            if n in NIAH_TASKS:
+                raise UserError(f"eval: task {n!r} is a long-context task, run by "
+                                f"nl_jax.eval.longcontext.main, not by this evaluator")
             if n not in TASKS:
-                raise UserError(f"eval: unknown task {n!r}; available: paper, "
-                                f"{', '.join(TASKS)}")
+                raise UserError(f"eval: unknown task {n!r}; available: {available()}")
             if n not in names:
                 names.append(n)
     if not names:
-        raise UserError(f"eval: --tasks names no task; available: paper, {', '.join(TASKS)}")
+        raise UserError(f"eval: --tasks names no task; available: {available()}")
     return names
 
 
