@@ -4,15 +4,20 @@ Commands:
   train      train (or resume) a model: --config FILE[:ARG] --config.KEY=VALUE --workdir DIR
              (on several hosts: the same command on each, plus --distributed or
              --coordinator HOST:PORT --num_processes N --process_id I)
-  eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...]
+  eval       held-out loss/perplexity of a workdir's latest checkpoint [--files GLOB ...],
+             the papers' tasks (--tasks paper) and needle-in-a-haystack (--tasks
+             niah_single_1,... --lengths 1024,4096)
   generate   sample text from a workdir's latest checkpoint [--prompt TEXT --tokens N]
   bench      benchmarks: ``bench memory`` | ``optimizers`` | ``schedules`` | ``throughput``
+             | ``mqar`` | ``forgetting`` | ``checkpoint`` | ``data_startup``
              (--json PATH)
   aot        pre-flight: compile the train step for a TPU slice (--topology v5p:4x4x8)
              and report per-chip memory; needs the tpu extra (libtpu)
   levels     print a config's nested levels (step clock and token clock) without
              building anything: --config FILE[:ARG] --config.KEY=VALUE [--json PATH]
   tokenizer  train the bundled byte-level BPE on text files
+  data       ``data prepare``: tokenize a corpus once (txt, jsonl, parquet; .gz/.zst) into
+             ArrayRecord shards + manifest.json; train on it with --config.data.prepared=DIR
 
 User mistakes (config keys, data files, incompatible checkpoints) print one
 ``error:`` line and exit with status 2.
@@ -130,6 +135,9 @@ def _restored_trainer(config, workdir: str, command: str):
 
 
 def cmd_eval(argv: list[str]) -> int:
+    from nl_jax.eval import longcontext
+    if longcontext.is_longcontext(argv):   # --tasks names niah_single_*: its own flags
+        return longcontext.main(argv)
     config, workdir, rest = _load_run(argv, "eval")
     parser = argparse.ArgumentParser(prog="nl_jax eval", add_help=False, exit_on_error=False)
     parser.add_argument("--files", nargs="+", help="held-out text files (globs)")
@@ -202,7 +210,8 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("checkpoint", "memory", "optimizers", "schedules", "throughput")
+BENCHMARKS = ("checkpoint", "data_startup", "forgetting", "memory", "mqar", "optimizers",
+              "schedules", "throughput")
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -241,6 +250,11 @@ def cmd_levels(argv: list[str]) -> int:
         except OSError as e:
             raise UserError(f"levels: cannot write --json {args.json}: {e.strerror}") from None
     return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    from nl_jax.data import prepared
+    return prepared.main(argv)
 
 
 def cmd_tokenizer(argv: list[str]) -> int:
@@ -290,7 +304,9 @@ HELP = {
   --batch_size N        rows per batch (default: fit about 512 MiB of logits)
   --json PATH           also write the result here (a new file; never overwritten)
   (the harness's own command line: python -m nl_jax.lm_eval --model_args workdir=DIR
-  --tasks ...; needs pip install 'nl_jax[lm_eval]')""",
+  --tasks ...; needs pip install 'nl_jax[lm_eval]')
+  (needle-in-a-haystack, --tasks niah_single_1,2,3 with --lengths, --depths, --samples:
+  python -m nl_jax eval --tasks niah_single_1 --help)""",
     "generate": "usage: python -m nl_jax generate --workdir DIR [--prompt TEXT] "
                 "[--tokens N] [--temperature T] [--seed S] [--window] [--config FILE] "
                 "[--config.KEY=VALUE ...]\n\nSamples text from the latest checkpoint."
@@ -307,15 +323,23 @@ HELP = {
              "form\n"
              "  optimizers   the nl_jax/configs/optimizers configs on a tiny byte-level LM\n"
              "  schedules    CMS update-frequency schedules on a tiny byte-level LM\n"
+             "  data_startup startup of a run on 100x the bundled corpus: prepared shards "
+             "vs text files\n"
+             "  forgetting   continual learning: held-out loss on every domain after each "
+             "stage, average forgetting (Transformer++, Titans, Hope with 1-3 CMS levels)\n"
+             "  mqar         multi-query associative recall: trains each model on it, "
+             "accuracy by length and key-value pairs\n"
              "  throughput   training speed (tokens/s, step memory) of every family's "
              "tiny config\n\n"
              "`python -m nl_jax bench NAME --help` lists a benchmark's flags.",
     "aot": "usage: python -m nl_jax aot --topology TOPOLOGY [--config FILE[:ARG]] "
            "[--config.KEY=VALUE ...] [--json PATH]\n\nPre-flight: compiles the train "
            "step of a config for a TPU slice without one, and reports per-chip memory "
-           "(exit 1 if it does not fit).  Needs the tpu extra (libtpu)." + _CONFIG + """
+           "(exit 1 if it does not fit) and an estimated step time and MFU (a roofline: "
+           "model FLOPs vs the chips' peak, bytes accessed vs HBM bandwidth; collective "
+           "bytes reported).  Needs the tpu extra (libtpu)." + _CONFIG + """
   --topology TOPOLOGY   e.g. v5p:4x4x8 or v5e:4x4; local: the devices of this machine
-  --json PATH           write the report here""",
+  --json PATH           write the report (memory, estimates) here""",
     "levels": "usage: python -m nl_jax levels [--config FILE[:ARG]] [--config.KEY=VALUE ...] "
               "[--json PATH]\n\nPrints a config's nested levels, slowest to fastest: the "
               "step-clock levels (config.levels: parameters owned, optimizer with every "
@@ -329,7 +353,7 @@ HELP = {
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "bench": cmd_bench, "aot": cmd_aot, "levels": cmd_levels,
-            "tokenizer": cmd_tokenizer}
+            "tokenizer": cmd_tokenizer, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     asks_help = any(a in ("-h", "--help") for a in argv)
     if command == "bench" and argv and argv[0] in BENCHMARKS:
         asks_help = False     # `bench NAME --help`: the benchmark's own flags
+    if command == "eval" and any("niah_" in a for a in argv):
+        asks_help = False     # the long-context tasks' own flags (eval.longcontext)
     if command in HELP and asks_help:
         print(HELP[command])
         return 0

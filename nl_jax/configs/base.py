@@ -26,6 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         grad_clip_norm=1.0,     # global-norm clipping before every level (0: off)
         sample_tokens=64,       # length of the text sample printed at the end
+        # Weights & Biases (pip install 'nl_jax[wandb]'): the metrics.jsonl records
+        # and the resolved config, from process 0.  mode "offline" writes the run
+        # under WORKDIR/wandb/ (or $WANDB_DIR) for a later `wandb sync`; "online"
+        # needs `wandb login`.  Empty entity / name: W&B's defaults.
+        wandb=dict(enabled=False, project="nl_jax", entity="", mode="offline", name=""),
     )
 
     c.data = dict(
@@ -36,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
         eval_files=("nl_jax/data/assets/corpus/heldout/*.txt",),
         tokenizer=dict(kind="bpe_json", path="nl_jax/data/assets/tokenizer/bpe_2k.json"),
         cache_dir="runs/token_cache",
+        # A folder made by `python -m nl_jax data prepare` (token shards + manifest.json):
+        # when set, training reads it instead of train_files (its tokenizer must be
+        # data.tokenizer); "" = train on train_files.  Evaluation reads eval_files.
+        prepared="",
         seq_len=128,
         batch_size=16,
     )
