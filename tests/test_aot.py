@@ -331,3 +331,19 @@ def test_hope_and_titans_mlp_kernels_compile_for_tpu(topology):
            for tail in ((d,), (d,), (d,), (), (), ())]
     check(jax.grad(lambda *a: jnp.sum(apply_memory(spec, *a)[0] ** 2), argnums=(0, 1, 2, 3)),
           memory, *seq)
+
+
+@needs_libtpu
+def test_preflight_of_a_tpu_topology_compiles_the_kernels_of_auto_paths():
+    """The shipped Hope tiny config (path='auto' on every token-clock level) built for
+    a v5p topology from this CPU host: the train step holds the chunk-scan kernels
+    (forward and backward), while on the CPU the same config builds the XLA path."""
+    from nl_jax import config as config_lib
+    from nl_jax.train.aot import abstract_batch, topology_devices, train_program
+
+    config, _ = config_lib.load([])
+    assert config.model.self_modifying.path == "auto"
+    program = train_program(config, topology_devices("v5p:2x2x1"))
+    text = program.step.lower(program.abstract_state,
+                              abstract_batch(config, program)).compile().as_text()
+    assert "chunk_scan_forward" in text and "chunk_scan_backward" in text

@@ -67,9 +67,9 @@ def test_bad_flags_exit_2(flags):
     (["--level", "cms", "--paths", "oracle,chunked"],
      "--paths oracle: the cms level has no oracle path (no per-token oracle: its chunk is "
      "its period"),
-    (["--level", "hope", "--paths", "kernel"],
-     "--paths kernel: the hope level has no kernel path (the Pallas kernel implements "
-     "titans_linear only)"),
+    (["--level", "cms", "--paths", "kernel"],
+     "--paths kernel: the cms level has no kernel path (the in-context CMS levels have no "
+     "kernel yet)"),
     (["--level", "cms", "--heads", "4"], "--heads: the cms level has no such size"),
     (["--level", "titans_mlp", "--memory-chunk", "8"], "--memory-chunk: the titans_mlp level"),
     (["--expansion", "2"], "--expansion: the titans_linear level has no such size"),

@@ -85,3 +85,28 @@ def test_kernel_path_lowers_for_cuda_as_the_reference_scan():
                jax.grad(lambda p, x: _loss(gdef, p, x)[0], argnums=(0, 1))):
         text = jax.jit(fn).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
         assert "__gpu$xla.gpu.triton" not in text and "tpu_custom_call" not in text
+
+
+def test_auto_path_resolves_by_the_target_platform():
+    """path='auto': the kernels on a TPU (and on a CUDA GPU where the level has a
+    Triton body: the Titans linear memory), the XLA chunked path on the CPU and
+    whenever kernels are ruled out (the teach signal's second derivative)."""
+    from nl_jax.memory import MemorySpec
+    from nl_jax.memory.kernel_path import resolve, target_platform
+
+    assert jax.default_backend() == "cpu"
+    mixer = SelfModifyingTitans(make_cfg(path="auto"), rngs=nnx.Rngs(0))
+    assert mixer.spec.path == "chunked"
+    linear, mlp = MemorySpec(kind="linear", path="auto"), MemorySpec(kind="mlp", path="auto")
+    for platform, kernels, want_linear, want_mlp, want_hope in [
+            ("tpu", True, "kernel", "kernel", "kernel"),
+            ("gpu", True, "kernel", "chunked", "chunked"),
+            ("cpu", True, "chunked", "chunked", "chunked"),
+            ("tpu", False, "chunked", "chunked", "chunked")]:
+        with target_platform(platform, kernels=kernels):
+            assert linear.resolved().path == want_linear
+            assert mlp.resolved().path == want_mlp
+            assert resolve("auto", gpu_kernel=False) == want_hope
+            assert resolve("oracle", gpu_kernel=True) == "oracle"
+            hope = SelfModifyingTitans(make_cfg(path="auto"), rngs=nnx.Rngs(0)).spec
+            assert hope.path == want_hope

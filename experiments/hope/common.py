@@ -28,7 +28,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
     c.model.n_heads = n_heads
     c.model.d_ff = d_ff                 # width of every CMS level
     c.model.self_modifying = dict(
-        path="chunked",
+        path="auto",           # kernels on a TPU, XLA chunked path elsewhere
         memory="mlp",              # 2-layer residual MLP memories (NL Eq. 89/91)
         hidden_mult=1,             # memory hidden width = head_dim (project choice)
         objective="l2",

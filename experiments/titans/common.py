@@ -25,7 +25,7 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int, mixer: st
         mlp_depth=2,
         mlp_expansion=4,       # hidden width 4 x head_dim (project choice)
         chunk_size=64,         # inner mini-batch size (project choice; divides 4096)
-        path="chunked",
+        path="auto",           # kernels on a TPU, XLA chunked path elsewhere
         remat_every=4,
         segment_len=512,       # MAC segment length (project choice; divides 4096)
         n_persistent=4,        # persistent memory tokens (project choice)

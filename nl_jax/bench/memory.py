@@ -26,10 +26,12 @@ for reference.  ``--level`` (default ``titans_linear``):
 Lengths ``--lengths`` (default 2048, 8192); other shapes ``--batch``,
 ``--heads``, ``--dim``, ``--chunk``, ``--expansion``, ``--memory-chunk`` (a
 flag that a level does not have is refused).  ``--paths chunked`` skips the
-(slow) oracle, ``--paths oracle,chunked,kernel`` adds the Pallas kernel path
-of ``titans_linear`` (``kernels/linear_memory.py``: Mosaic on a TPU, Triton on
-a CUDA GPU; on the CPU it runs in Pallas interpret mode, which times the
-interpreter, not a kernel); ``--trace DIR`` also records a
+(slow) oracle, ``--paths oracle,chunked,kernel`` adds the chunk-scan kernel
+path of every level but ``cms`` (``kernels/chunk_scan.py``, forward and
+backward: Mosaic on a TPU, Triton on a CUDA GPU for ``titans_linear`` and the
+jnp reference scan there for the others; on the CPU it runs in Pallas
+interpret mode, which times the interpreter, not a kernel); every row records
+the ``device_kind`` it ran on; ``--trace DIR`` also records a
 ``jax.profiler`` trace of the chunked forward and forward+backward at the
 first length (open it with TensorBoard's profile plugin or Perfetto).
 ``fwd_bwd`` is the gradient of a weighted sum of the outputs w.r.t. every
@@ -111,9 +113,8 @@ PATHS = ("oracle", "chunked", "kernel")
 DEFAULT_PATHS = ("oracle", "chunked")
 LEVELS = ("titans_linear", "titans_mlp", "hope", "cms", "deltanet", "gated_deltanet")
 HOPE_ENGINE_LEVELS = ("hope", "deltanet", "gated_deltanet")   # memory/self_modifying.py
-LEVEL_PATHS = {"titans_linear": PATHS, "titans_mlp": DEFAULT_PATHS,
-               "hope": DEFAULT_PATHS, "cms": ("chunked",), "deltanet": DEFAULT_PATHS,
-               "gated_deltanet": DEFAULT_PATHS}
+LEVEL_PATHS = {"titans_linear": PATHS, "titans_mlp": PATHS, "hope": PATHS,
+               "cms": ("chunked",), "deltanet": PATHS, "gated_deltanet": PATHS}
 # Default shape of each level: batch b, heads h, head (cms: model) dim d, chunk c
 # (cms: the period), hidden width = expansion x d, Hope's main-memory chunk.
 SHAPES = {"titans_linear": dict(b=B, h=H, d=D, c=C),
@@ -420,7 +421,8 @@ def measure(path: str, t: int, repeats: int, b: int = B, h: int = H, d: int = D,
         if mode in modes:
             ms = call_ms(fn, args, repeats)
             rows.append({"level": level, "path": path, "T": t, "mode": mode, "ms": ms,
-                         "gflops": scale * flops / (ms * 1e-3) / 1e9, "devices": devices})
+                         "gflops": scale * flops / (ms * 1e-3) / 1e9, "devices": devices,
+                         "device_kind": jax.devices()[0].device_kind})
     return rows
 
 
@@ -518,8 +520,8 @@ def parse(argv: list[str]):
     parser.add_argument("--paths", default=None,
                         help="comma-separated subset of the level's paths oracle, chunked, "
                              "kernel (default oracle,chunked, cms chunked; kernel: the "
-                             "Pallas kernel of titans_linear: a TPU or CUDA GPU, or "
-                             "interpreted on the CPU)")
+                             "chunk-scan Pallas kernels, forward and backward: a TPU or "
+                             "CUDA GPU, or interpreted on the CPU)")
     parser.add_argument("--oracle-bwd-max-length", type=int, default=None, metavar="T",
                         help="measure oracle fwd_bwd only at lengths <= T (default 2048 for "
                              "titans_mlp and hope, whose per-token backward is slow; 0 = "
@@ -539,10 +541,9 @@ def parse(argv: list[str]):
         parser.error(f"--paths {args.paths!r}: choose from {','.join(PATHS)}")
     for path in paths:
         if path not in LEVEL_PATHS[level]:
-            why = (" (no per-token oracle: its chunk is its period, so the one-pass form "
-                   "is its reference)" if level == "cms" else
-                   " (the Pallas kernel implements titans_linear only)"
-                   if path == "kernel" else "")
+            why = (" (the in-context CMS levels have no kernel yet)" if path == "kernel"
+                   else " (no per-token oracle: its chunk is its period, so the one-pass "
+                   "form is its reference)" if level == "cms" else "")
             parser.error(f"--paths {path}: the {level} level has no {path} path{why}; "
                          f"its paths are {','.join(LEVEL_PATHS[level])}")
     from nl_jax_kernels.linear_memory import BACKENDS

@@ -99,6 +99,7 @@ def apply_memory(spec: MemorySpec, init_params: dict, q: jax.Array, k: jax.Array
     """
     b, t, _, d_k, d_v = check_inputs(q, k, v, (("theta", theta), ("eta", eta),
                                                 ("alpha", alpha)))
+    spec = spec.resolved()
     check_dims(spec, d_k, d_v)
     if state is None:
         state = initial_state(spec, init_params, b)

@@ -105,7 +105,7 @@ VECTOR_BOXES = ("k", "v", "q")
 GATE_BOXES = ("eta", "alpha")
 KINDS = ("mlp", "linear", "linear_ln")
 OBJECTIVES = ("l2", "dot")
-PATHS = ("chunked", "oracle", "kernel")
+PATHS = ("chunked", "oracle", "kernel", "auto")
 
 
 # --------------------------------------------------------------------------
@@ -364,7 +364,10 @@ class SelfModifyingSpec:
         the stacked adaptive states), a subset of k, v, q, eta, alpha.
       plain_vectors, plain_gates: the boxes given by plain projections.
       chunk: C of the adaptive memories; memory_chunk: C of the main memory.
-      path: ``"chunked"`` (WY form, chunk scan) or ``"oracle"`` (per-token scan).
+      path: ``"chunked"`` (WY form, chunk scan), ``"oracle"`` (per-token scan),
+        ``"kernel"`` (the chunk bodies in the chunk-scan kernels,
+        ``kernel_sequences``) or ``"auto"`` (``kernel`` on a TPU, ``chunked``
+        elsewhere: ``memory/kernel_path.py``).
       read: ``"before"``: y_t = M_{t-1}(q_t), the read precedes the token's own
         write (Hope, NL Eq. 87); ``"after"``: y_t = M_t(q_t) (Titans Eq. 15,
         DeltaNet, linear attention).
@@ -763,6 +766,9 @@ def apply_self_modifying(spec: SelfModifyingSpec, state: SelfModifyingState, u, 
     b [H])`` for the adaptive gates; ``streaming``: ``state`` continues an
     earlier segment (its position need not be a chunk boundary).
     """
+    if spec.path == "auto":
+        from nl_jax.memory.kernel_path import resolve
+        spec = dataclasses.replace(spec, path=resolve(spec.path, gpu_kernel=False))
     if spec.path == "kernel":
         return kernel_sequences(spec, state, u, plain, log_beta, readout, streaming)
 

@@ -14,7 +14,7 @@ from nl_jax.errors import ConfigError
 
 KINDS = ("linear", "mlp")
 OBJECTIVES = ("l2", "dot", "huber")
-PATHS = ("oracle", "chunked", "kernel")
+PATHS = ("oracle", "chunked", "kernel", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,9 @@ class MemorySpec:
         Pallas chunk-scan kernels, forward and backward: ``kernels/linear_memory.py``
         for the linear memory with the l2 or dot objective, ``kernels/chunk_scan.py``
         on ``chunked.py``'s chunk step otherwise; Mosaic on TPUs, Triton on CUDA
-        GPUs, interpret mode on the CPU).
+        GPUs, interpret mode on the CPU), or ``"auto"`` (``kernel`` on a TPU, and
+        on a CUDA GPU for the linear memory; ``chunked`` otherwise; resolved
+        by ``resolved()`` when a model is built: ``memory/kernel_path.py``).
       remat_every: chunks per rematerialised scan segment on the chunked path
         (the linear fast path processes chunks in blocks of this size); on the
         kernel path, chunks per state saved for the backward kernel (which
@@ -80,6 +82,14 @@ class MemorySpec:
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
             raise ConfigError(f"memory grad_clip={clip!r} must be a number >= 0 (0: no "
                               f"clipping)")
+
+    def resolved(self) -> MemorySpec:
+        """This spec with ``path="auto"`` resolved for the target platform."""
+        if self.path != "auto":
+            return self
+        from nl_jax.memory import kernel_path
+        gpu_kernel = self.kind == "linear" and self.objective in ("l2", "dot")
+        return dataclasses.replace(self, path=kernel_path.resolve(self.path, gpu_kernel))
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> None:

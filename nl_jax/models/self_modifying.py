@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.errors import ConfigError
+from nl_jax.memory import kernel_path
 from nl_jax.memory.self_modifying import (
     GATE_BOXES,
     KINDS,
@@ -46,7 +47,7 @@ from nl_jax.memory.self_modifying import (
 from nl_jax.models.layers import CausalConv, Dense, RMSNorm, param
 from nl_jax.sharding import constrain, gather_memory_state, memory_state_axes
 
-DEFAULTS = dict(path="chunked", memory="mlp", objective="l2", chunk_size=32,
+DEFAULTS = dict(path="auto", memory="mlp", objective="l2", chunk_size=32,
                 memory_chunk_size=16, hidden_mult=2, lr=1.0, conv_window=4,
                 dgd=True, momentum=True, weight_decay=True, adaptive_k=True,
                 adaptive_v=True, adaptive_q=False, adaptive_eta=True,
@@ -68,7 +69,8 @@ def spec_from_options(c: dict) -> SelfModifyingSpec:
         kind=c["memory"], objective=c["objective"], dgd=c["dgd"], momentum=c["momentum"],
         decay=c["weight_decay"], lr=float(c["lr"]), grad_clip=float(c["grad_clip"]),
         adaptive=tuple(b for b in VECTOR_BOXES + GATE_BOXES if adaptive[b]),
-        chunk=c["chunk_size"], memory_chunk=c["memory_chunk_size"], path=c["path"],
+        chunk=c["chunk_size"], memory_chunk=c["memory_chunk_size"],
+        path=kernel_path.resolve(c["path"], gpu_kernel=False),
         read=c["read"], step_scale=c["step_scale"], decay_form=c["decay_form"],
         normalize_v=c["normalize_v"], generated_values=c["generated_values"])
 

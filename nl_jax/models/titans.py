@@ -95,7 +95,7 @@ def memory_spec_from_config(cfg) -> MemorySpec:
             MemorySpec(**{key: value})
         except ConfigError as err:
             raise ConfigError(f"model.memory.{key}={value!r} is not valid: {err}") from None
-    return MemorySpec(**kwargs)
+    return MemorySpec(**kwargs).resolved()
 
 
 def memory_int(cfg, key: str, default: int, minimum: int) -> int:

@@ -119,8 +119,21 @@ def train_program(config, devices, allocate: bool = False) -> TrainProgram:
     """The train step of ``config`` on ``devices`` (``config`` validated for them).
 
     ``allocate``: also build ``init`` (and the model's non-parameter variables
-    on the devices); otherwise nothing is executed.
+    on the devices); otherwise nothing is executed.  The model is built for
+    the devices' platform: a token-clock level with ``path="auto"`` gets the
+    path that platform runs fastest (``memory/kernel_path.py``), so the
+    pre-flight of a TPU topology from a CPU host compiles the TPU kernels.
     """
+    from nl_jax.memory.kernel_path import target_platform
+    from nl_jax.train import teach as teach_lib
+
+    platform = np.asarray(devices, dtype=object).flat[0].platform
+    with target_platform(platform, kernels=not teach_lib.enabled(config)):
+        return _build_program(config, devices, allocate)
+
+
+def _build_program(config, devices, allocate: bool) -> TrainProgram:
+    """``train_program`` inside its platform context."""
     from nl_jax import levels as levels_lib
     from nl_jax.train import teach as teach_lib
     from nl_jax.train.checkpoint import abstract_with_shardings

@@ -85,11 +85,13 @@ def check(config, model, params) -> list[str]:
                 f"teach_signal.segment={segment} must be a multiple of {key}={v}: the "
                 f"stream state holds the tokens of an unfinished chunk, whose shape must be "
                 f"the same after every segment")
-    memory = config.model.get("memory")
-    if memory is not None and memory.get("path") == "kernel":
-        raise ConfigError("teach_signal differentiates the memory twice, and "
-                          "model.memory.path='kernel' (a Pallas forward) has no second "
-                          "derivative: use --config.model.memory.path=chunked")
+    for level in ("memory", "self_modifying"):       # ('auto' resolves to chunked here)
+        options = config.model.get(level)
+        if options is not None and options.get("path") == "kernel":
+            raise ConfigError(f"teach_signal differentiates the memory twice, and "
+                              f"model.{level}.path='kernel' (Pallas kernels with a custom "
+                              f"VJP) has no second derivative: use "
+                              f"--config.model.{level}.path=chunked (or auto)")
     for key in ("lr", "max_update"):
         v = teach[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

@@ -14,7 +14,7 @@ def get_config():
     c.model.mixer = "self_modifying"
     c.model.mlp = "cms"
     c.model.self_modifying = dict(
-        path="chunked", memory="mlp", hidden_mult=1, objective="l2",
+        path="auto", memory="mlp", hidden_mult=1, objective="l2",  # auto: kernels on a TPU
         chunk_size=32, memory_chunk_size=16, lr=1.0, conv_window=4,
         dgd=True, momentum=True, weight_decay=True,
         adaptive_k=True, adaptive_v=True, adaptive_q=False,

@@ -21,7 +21,7 @@ def get_config():
         mlp_depth=2,
         mlp_expansion=2,
         chunk_size=16,        # tokens per mini-batch of the inner GD (Eq. 16-18)
-        path="chunked",
+        path="auto",           # kernels on a TPU, XLA chunked path elsewhere
         remat_every=4,
         segment_len=32,       # MAC segment length (titans_mac only)
         n_persistent=4,       # learned persistent memory tokens (attention keys/values)
