@@ -53,7 +53,9 @@ READ_KEYS = ("model", "data.tokenizer")
 # Learning rates and schedules are recomputed from the restored update counts
 # (other optimizer hyperparameters live in the optimizer state and may not).
 CHANGEABLE = ("model.remat", "model.dtype", "levels.*.optimizer.learning_rate",
-              "levels.*.optimizer.schedule", "levels.*.optimizer.schedule.*")
+              "levels.*.optimizer.schedule", "levels.*.optimizer.schedule.*",
+              # how a token-clock level runs (chunked, kernel, auto): the same function
+              "model.memory.path", "model.self_modifying.path")
 # Training keys outside RESUME_KEYS that a resume reports when they change.
 REPORTED_ON_RESUME = ("train.grad_clip_norm", "teach_signal", "teach_signal.*")
 
