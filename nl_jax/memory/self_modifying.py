@@ -166,10 +166,13 @@ def _normalized(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return a / norm, norm
 
 
-def _prefix_sum(x: jax.Array, inclusive: bool) -> jax.Array:
-    """``out[i] = sum_{l <= i} x_l`` (``inclusive``) or ``sum_{l < i} x_l``, as one
-    product with a 0/1 triangular matrix (no subtraction; no cumsum, which
-    Pallas kernel bodies cannot lower)."""
+def _prefix_sum(x: jax.Array, inclusive: bool, kernel_body: bool) -> jax.Array:
+    """``out[i] = sum_{l <= i} x_l`` (``inclusive``) or ``sum_{l < i} x_l`` (a shifted
+    cumulative sum, no subtraction).  ``kernel_body``: as one product with a 0/1
+    triangular matrix (Pallas kernel bodies lower no cumsum or concatenation)."""
+    if not kernel_body:
+        total = jnp.cumsum(x)
+        return total if inclusive else jnp.concatenate([jnp.zeros_like(x[:1]), total[:-1]])
     c = x.shape[-1]
     i = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     j = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -177,8 +180,11 @@ def _prefix_sum(x: jax.Array, inclusive: bool) -> jax.Array:
     return jnp.matmul(lower, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _previous_rows(m: jax.Array) -> jax.Array:
-    """``out[t] = m[t-1]``, ``out[0] = 0`` (a product with the shift matrix, exact)."""
+def _previous_rows(m: jax.Array, kernel_body: bool) -> jax.Array:
+    """``out[t] = m[t-1]``, ``out[0] = 0``; ``kernel_body``: a product with the shift
+    matrix (exact), since kernel bodies lower no unaligned concatenation."""
+    if not kernel_body:
+        return jnp.concatenate([jnp.zeros_like(m[:1]), m[:-1]])
     c = m.shape[0]
     i = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     j = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -186,8 +192,14 @@ def _previous_rows(m: jax.Array) -> jax.Array:
     return jnp.matmul(shift, m, precision=jax.lax.Precision.HIGHEST)
 
 
+def _times_vector(m: jax.Array, v: jax.Array, kernel_body: bool) -> jax.Array:
+    """``m @ v`` for a vector ``v``; ``kernel_body``: as a sum of elementwise products
+    (a matrix-matrix product is the only dot a Pallas TPU kernel body lowers)."""
+    return jnp.sum(m * v, -1) if kernel_body else m @ v
+
+
 def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True,
-                     read_after: bool = False) -> dict:
+                     read_after: bool = False, kernel_body: bool = False) -> dict:
     """The state-independent gate matrices of one chunk (log-space segment sums).
 
     They depend only on the chunk's decay and momentum gates, so one set serves
@@ -200,30 +212,32 @@ def chunk_gate_terms(log_alpha, log_beta, valid=None, momentum: bool = True,
 
     The ``read_*`` terms place the reads: ``W_{t-1} q_t`` (``read_after``
     False: the decay and momentum sums up to token t-1) or ``W_t q_t`` (up to
-    token t, the token's own write included).
+    token t, the token's own write included).  ``kernel_body``: the same terms
+    from the operations a Pallas kernel body lowers (``_prefix_sum``,
+    ``_previous_rows``, ``_times_vector``).
     """
     d = jnp.exp(segsum(log_alpha))                   # D[t, s], s <= t
-    dp = _previous_rows(d)                           # D[t-1, s], s < t
+    dp = _previous_rows(d, kernel_body)              # D[t-1, s], s < t
     d_last = d[-1]                                   # D[C-1, s]
-    gamma_prev = jnp.exp(_prefix_sum(log_alpha, inclusive=False))
+    gamma_prev = jnp.exp(_prefix_sum(log_alpha, False, kernel_body))
     terms = dict(dp=dp, d_last=d_last, gamma_prev=gamma_prev,
                  gamma_last=jnp.exp(jnp.sum(log_alpha)))
     read_d = d if read_after else dp
     terms.update(read_d=read_d,
-                 read_gamma=(jnp.exp(_prefix_sum(log_alpha, inclusive=True)) if read_after
+                 read_gamma=(jnp.exp(_prefix_sum(log_alpha, True, kernel_body)) if read_after
                              else gamma_prev))
     if not momentum:
         return dict(terms, cmp=dp, cm_last=d_last, read_cm=read_d)
     lb = jnp.exp(segsum(log_beta))                   # Lb[s, r], r <= s
-    m = jnp.exp(_prefix_sum(log_beta, inclusive=True))
+    m = jnp.exp(_prefix_sum(log_beta, True, kernel_body))
     nu = jnp.ones_like(log_alpha) if valid is None else valid.astype(log_alpha.dtype)
     dp_nu, d_last_nu, read_nu = dp * nu[None, :], d_last * nu, read_d * nu[None, :]
-    # Products with a vector as sums of elementwise products: matrix-matrix is
-    # the only dot_general a Pallas TPU kernel body lowers.
-    return dict(terms, cmp=dp_nu @ lb, cm_last=jnp.sum(d_last_nu[:, None] * lb, 0),
-                f_prev=jnp.sum(dp_nu * m[None, :], 1), f_last=jnp.sum(d_last_nu * m),
+    cm_last = jnp.sum(d_last_nu[:, None] * lb, 0) if kernel_body else d_last_nu @ lb
+    return dict(terms, cmp=dp_nu @ lb, cm_last=cm_last,
+                f_prev=_times_vector(dp_nu, m, kernel_body),
+                f_last=_times_vector(d_last_nu, m, kernel_body),
                 lb_last=lb[-1], beta_last=jnp.exp(jnp.sum(log_beta)),
-                read_cm=read_nu @ lb, read_f=jnp.sum(read_nu * m[None, :], 1))
+                read_cm=read_nu @ lb, read_f=_times_vector(read_nu, m, kernel_body))
 
 
 def dgd_layer_chunk(w0, s0, a, delta, eta, terms: dict, queries, dgd: bool, eta_dgd=None,
@@ -494,7 +508,8 @@ def map_boxes(fn, *trees):
                  for j in range(len(outs[0])))
 
 
-def token_features(spec: SelfModifyingSpec, anchor, u, plain, readout):
+def token_features(spec: SelfModifyingSpec, anchor, u, plain, readout,
+                   kernel_body: bool = False):
     """k, v, q, eta, log alpha for a block of tokens from the anchor states.
 
     ``u [C, D]``; ``plain`` holds the non-adaptive vectors ``[C, D]`` and gate
@@ -515,7 +530,7 @@ def token_features(spec: SelfModifyingSpec, anchor, u, plain, readout):
     for box in GATE_BOXES:
         if box in spec.adaptive:
             r, b = readout[box]
-            logits[box] = jnp.sum(read[box] * r, -1) + b
+            logits[box] = _times_vector(read[box], r, kernel_body) + b
         elif box in plain:
             logits[box] = plain[box]
     eta = spec.lr * jax.nn.sigmoid(logits["eta"])
@@ -567,7 +582,7 @@ def oracle_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout)
     return ys, SelfModifyingState(pos, MemoryTrack(*other), MemoryTrack(*mem))
 
 
-def adaptive_chunk(spec: SelfModifyingSpec, readout, carry, inputs, solve=unit_lower_solve):
+def adaptive_chunk(spec: SelfModifyingSpec, readout, carry, inputs, kernel_body: bool = False):
     """One chunk of the adaptive memories (stage 1 of ``chunked_sequence``, one head).
 
     ``carry``: (current, momentum, anchor) of the stacked adaptive memories;
@@ -575,15 +590,18 @@ def adaptive_chunk(spec: SelfModifyingSpec, readout, carry, inputs, solve=unit_l
     ``[C]``, valid ``[C]``, complete).  Reads k, v, q, eta, alpha from the
     anchors, updates every adaptive memory with one set of gate matrices, and
     moves the anchors when the chunk is complete.  Returns (carry, (k, v, q,
-    eta, log alpha))."""
+    eta, log alpha)).  ``kernel_body``: built from what a Pallas kernel body lowers
+    (``chunk_gate_terms``, ``unit_lower_solve_by_masks``)."""
     cur, mom, anc = carry
     u_k, plain_k, lb_k, valid_k, complete_k = inputs
-    k, v, q, eta, log_alpha = token_features(spec, anc, u_k, plain_k, readout)
+    k, v, q, eta, log_alpha = token_features(spec, anc, u_k, plain_k, readout, kernel_body)
     eta = jnp.where(valid_k, eta, 0.0)
     log_alpha = jnp.where(valid_k, log_alpha, 0.0)
     lb_k = jnp.where(valid_k, lb_k, 0.0)
     # One set of gate matrices for every layer of every adaptive memory.
-    terms = chunk_gate_terms(log_alpha, lb_k, valid_k, spec.momentum)
+    terms = chunk_gate_terms(log_alpha, lb_k, valid_k, spec.momentum,
+                             kernel_body=kernel_body)
+    solve = unit_lower_solve_by_masks if kernel_body else unit_lower_solve
     step = spec.step(eta, spec.chunk)
     step_dgd = spec.preconditioner_step(step, log_alpha)
 
@@ -674,7 +692,7 @@ def chunked_sequence(spec: SelfModifyingSpec, state, u, plain, log_beta, readout
 def _kernel_adaptive_step(spec: SelfModifyingSpec, carry, inputs):
     """``adaptive_chunk`` as a kernel step: the readout travels with the chunk's inputs."""
     *rest, readout = inputs
-    return adaptive_chunk(spec, readout, carry, tuple(rest), unit_lower_solve_by_masks)
+    return adaptive_chunk(spec, readout, carry, tuple(rest), kernel_body=True)
 
 
 def _kernel_main_step(spec: SelfModifyingSpec, carry, inputs):
