@@ -1,6 +1,7 @@
 """The task-loss teach signal (nl_jax/train/teach.py) against a per-sequence,
 per-segment Python loop, its causality, lr = 0, and its config errors."""
 
+import functools
 import re
 
 import jax
@@ -19,7 +20,7 @@ from nl_jax.train import teach
 from nl_jax.train.state import ModelDef, build_model
 from nl_jax.train.step import cross_entropy, forward_loss
 
-SEQ, SEG, BATCH = 12, 4, 2
+SEQ, SEG, BATCH = 12, 4, 4      # 4 rows: one per data x fsdp shard in the sharded test
 # Titans MAG (the teach machinery is model-independent; its second-order compile is
 # ~4x cheaper than Hope's): layer 0's SwiGLU is the fast weights, layer 1 above it.
 FAST = "blocks/0/mlp/.*"
@@ -48,6 +49,35 @@ def setup(*flags, model=TITANS, params=FAST, lr=0.5, max_update=0.0):
 def batch(seed=0, vocab=2048):
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (BATCH, SEQ + 1)))
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def mean_and_rows(segment_losses):
+    """``(mean, rows)`` of a segment-losses function, for ``value_and_grad(has_aux=True)``
+    (calling it once: tracing it twice doubles the compile)."""
+    def fn(*args):
+        rows = segment_losses(*args)
+        return jnp.mean(rows), rows
+    return fn
+
+
+@functools.cache
+def jitted_segment_losses(lr, max_update):
+    """The jitted forward ``segment_losses`` of Titans at ``lr``, ``max_update``, one
+    per setting and test module: each costs a compile of ~10 s of CPU."""
+    config, model_def, weights = setup(lr=lr, max_update=max_update)
+    return jax.jit(teach.make_segment_losses(model_def, config, weights))
+
+
+@pytest.fixture(scope="module")
+def taught():
+    """Titans at lr = 2 with the trust ratio cutting the steps: the batch, the segment
+    losses and their outer gradients (one second-order compile, shared by the tests)."""
+    config, model_def, weights = setup(lr=2.0, max_update=0.01)
+    data = batch()
+    segment_losses = teach.make_segment_losses(model_def, config, weights)
+    (_, rows), grads = jax.jit(jax.value_and_grad(
+        mean_and_rows(lambda w: segment_losses(w, data)), has_aux=True))(weights)
+    return config, model_def, weights, data, segment_losses, rows, grads
 
 
 def loop_segment_losses(config, model_def, weights, inputs, targets):
@@ -87,20 +117,14 @@ def loop_segment_losses(config, model_def, weights, inputs, targets):
     return jnp.stack(losses)
 
 
-def test_teach_signal_equals_the_per_sequence_segment_loop():
+def test_teach_signal_equals_the_per_sequence_segment_loop(taught):
     """Values and the outer (second-order) gradients w.r.t. every weight, with the
     trust ratio cutting the inner steps (the cut changes the losses); the loop
     runs each sequence alone.  lr = 0 gives the plain loss."""
-    config, model_def, weights = setup(lr=2.0, max_update=0.01)
-    data = batch()
-    segment_losses = teach.make_segment_losses(model_def, config, weights)
-    (_, got), grads = jax.jit(jax.value_and_grad(
-        lambda w: (jnp.mean(segment_losses(w, data)), segment_losses(w, data)),
-        has_aux=True))(weights)
+    config, model_def, weights, data, _, got, grads = taught
 
-    one_sequence = jax.jit(jax.value_and_grad(
-        lambda w, x, y: (jnp.mean(loop_segment_losses(config, model_def, w, x, y)),
-                         loop_segment_losses(config, model_def, w, x, y)), has_aux=True))
+    one_sequence = jax.jit(jax.value_and_grad(mean_and_rows(
+        lambda w, x, y: loop_segment_losses(config, model_def, w, x, y)), has_aux=True))
     rows, grads_loop = [], None
     for b in range(BATCH):           # the batch mean's gradient: the mean of the rows'
         (_, row), g = one_sequence(weights, data["inputs"][b], data["targets"][b])
@@ -113,12 +137,9 @@ def test_teach_signal_equals_the_per_sequence_segment_loop():
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_loop), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
-    def rows_with(**kw):
-        return jax.jit(teach.make_segment_losses(model_def, setup(**kw)[0], weights))(
-            weights, data)
-
-    frozen = rows_with(lr=0.0)
-    for other in (rows_with(lr=2.0), frozen):   # the steps are taken; the ratio cuts them
+    frozen = jitted_segment_losses(0.0, 0.0)(weights, data)
+    uncut = jitted_segment_losses(2.0, 0.0)(weights, data)
+    for other in (uncut, frozen):   # the steps are taken; the ratio cuts them
         np.testing.assert_array_equal(other[:, 0], got[:, 0])
         assert not np.allclose(other[:, 1:], got[:, 1:], rtol=1e-5, atol=0)
     np.testing.assert_allclose(jnp.mean(frozen), jax.jit(forward_loss(model_def))(
@@ -129,9 +150,10 @@ def test_segment_losses_are_causal():
     """Segment i's loss reads no token past its last label: changing the tokens
     after the first label of segment 2 leaves segments 0 and 1 bit for bit; the
     last label of segment 1 (the first input of segment 2) changes segment 1 and,
-    through the adapted weights, segment 2."""
-    config, model_def, weights = setup()
-    fn = jax.jit(teach.make_segment_losses(model_def, config, weights))
+    through the adapted weights, segment 2.  (lr = 2 without the trust ratio: the
+    setting, and so the compile, of the uncut losses of the oracle test.)"""
+    _, _, weights = setup()
+    fn = jitted_segment_losses(2.0, 0.0)
     data = batch(2)
     base = np.asarray(fn(weights, data))
     tokens = jnp.concatenate([data["inputs"], data["targets"][:, -1:]], axis=1)
@@ -149,20 +171,18 @@ def test_segment_losses_are_causal():
     assert (out[:, 1] != base[:, 1]).all() and (out[:, 2] != base[:, 2]).all()
 
 
-def test_sharded_teach_signal_shards_the_batch_and_equals_one_device():
+def test_sharded_teach_signal_shards_the_batch_and_equals_one_device(taught):
     """Under the trainer's rules on 8 CPU devices (batch over data x fsdp, heads and
     MLP over tensor) the per-sequence vmap shards the batch over data x fsdp
     (``spmd_axis_name``; the per-sequence code sees the rules without those axes),
     and the segment losses equal the one-device run.  (Gradients: the train step
-    differentiates the same function; the oracle test above checks them.)"""
+    differentiates the same function; the oracle test above checks them.)  The
+    one-device losses: those of the oracle test, checked there against the loop."""
     from experiments import base
     from nl_jax.sharding import use_rules
     from nl_jax.train.mesh import make_mesh
 
-    config, model_def, weights = setup(max_update=0.01)
-    data = {k: jnp.concatenate([v, v[::-1]]) for k, v in batch(3).items()}    # 4 rows
-    losses = teach.make_segment_losses(model_def, config, weights)
-    one = jax.jit(losses)(weights, data)
+    _, _, weights, data, losses, one, _ = taught     # lr = 2, trust ratio 0.01, 4 rows
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     data = jax.device_put(data, rows)
@@ -216,9 +236,10 @@ def test_bounded_update_has_finite_derivatives_of_every_order_at_zero():
     def f(w, a):
         return jnp.sum(bounded_update({"w": w}, {"w": a}, 0.01)["w"] ** 2)
 
+    hessian = jax.jit(jax.hessian(f, argnums=(0, 1)))   # one compile for the three points
     w = jnp.arange(1.0, 7.0).reshape(1, 2, 3) / 10
     for point in ((w, jnp.zeros_like(w)), (jnp.zeros_like(w), w), (w, w)):
-        for h in jax.hessian(f, argnums=(0, 1))(*point):
+        for h in hessian(*point):
             for block in h:
                 assert np.isfinite(np.asarray(block)).all()
     # the value: |a| = 9.1|w| > 0.01|w|, so the step is cut to 0.01 |w|

@@ -336,10 +336,14 @@ def test_blockwise_window_attention_equals_full_masked_attention(t, window, star
         return titans.sliding_window_attention(q, keys, values, pos, key_pos, window,
                                                (pk, pv))
 
-    args = (q, keys, values) + prefix
-    np.testing.assert_allclose(blockwise(*args), full(*args), atol=1e-5)
     w = jax.random.normal(jax.random.PRNGKey(0), (b, t, h, d))
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(w * f(*a)), argnums=range(5))(*args)
-             for f in (blockwise, full)]
-    for a, g in zip(*grads, strict=True):
+
+    @jax.jit        # one compile per case (op by op, a case took ~9 s of CPU)
+    def values_and_grads(*args):
+        return [(f(*args), jax.grad(lambda *a, f=f: jnp.sum(w * f(*a)), argnums=range(5))(*args))
+                for f in (blockwise, full)]
+
+    (y_blockwise, g_blockwise), (y_full, g_full) = values_and_grads(q, keys, values, *prefix)
+    np.testing.assert_allclose(y_blockwise, y_full, atol=1e-5)
+    for a, g in zip(g_blockwise, g_full, strict=True):
         np.testing.assert_allclose(a, g, atol=1e-5)
