@@ -46,7 +46,12 @@ def paper_config(d_model: int, n_layers: int, n_heads: int, d_ff: int,
         variant="sequential",      # NL Eq. 73; or "independent" (Eq. 74), or "nested"
                                    # (Eq. 72, periods slowest first: (2048, 512, "never"))
         block="swiglu",
-        lr=1e-3,                   # eta_scale of the in-context levels (project choice)
+        lr=5e-7,                   # eta_scale of the in-context levels: at init the raw
+                                   # chunk step is ~0.1 (512) / ~0.4 (2048 tokens) of the
+                                   # max_update cap at the 340M shape (block-level
+                                   # measurement, unit-RMS inputs); it grows with the
+                                   # period (a sum of period gradients, Eq. 71). lr 1e-3
+                                   # was 180-720x the cap: lr then changed nothing
         target="input",
         max_update=0.005,           # trust ratio of one in-context chunk step
         use_cms=True,

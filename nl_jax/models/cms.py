@@ -15,7 +15,13 @@ A CMS is a set of MLP levels, each with its own update period in TOKENS
   with ``s_i = min(1, max_update |theta_i| / |sum ...|)`` per weight matrix and
   sequence (``cfg.cms.max_update``, default 0.005, 0 disables; see
   ``bounded_update``): a trust ratio that keeps the chunk step from
-  overshooting when a few inputs make the SwiGLU curvature large.
+  overshooting when a few inputs make the SwiGLU curvature large.  It is a
+  safety bound: where it binds the step is ``max_update |theta_i|`` whatever
+  ``cfg.cms.lr`` is, so ``lr`` must put the raw step below it to mean
+  anything.  The raw step is a sum of ``C`` gradients and grows with the
+  period and the width (at init, ratio to the cap per 1e-3 of ``lr``: ~7-16
+  for Hope tiny, C = 32; ~180 / ~720 for C = 512 / 2048 at d_model 1024); the
+  shipped Hope configs set ``lr`` accordingly (tiny 1e-5, paper sizes 5e-7).
 
   Causal choice: the outputs of chunk ``i`` use ``theta_i`` (the weights at the
   START of the chunk); the update made from chunk ``i`` applies from chunk

@@ -22,6 +22,10 @@ def get_config():
         grad_clip=0.25,            # inner gradient clip (bounds the memory states)
     )
     c.model.cms = dict(periods=(32, "never"), variant="sequential", block="swiglu",
-                       lr=1e-3, target="input", use_cms=True,
+                       # lr: the raw chunk step is ~0.2-0.4 of the trust-ratio cap
+                       # (median, init to 60 steps), so lr sets the step and the cap
+                       # (max_update) only catches outliers; lr 1e-3 hit the cap on
+                       # every chunk (6-30x) and lr then changed nothing
+                       lr=1e-5, target="input", use_cms=True,
                        max_update=0.005)
     return c
