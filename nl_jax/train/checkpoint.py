@@ -55,7 +55,10 @@ READ_KEYS = ("model", "data.tokenizer")
 CHANGEABLE = ("model.remat", "model.dtype", "levels.*.optimizer.learning_rate",
               "levels.*.optimizer.schedule", "levels.*.optimizer.schedule.*",
               # how a token-clock level runs (chunked, kernel, auto): the same function
-              "model.memory.path", "model.self_modifying.path")
+              "model.memory.path", "model.self_modifying.path",
+              # the in-context CMS step size (shapes nothing; named on the resume line,
+              # e.g. runs made before its default went from 1e-3 to 1e-5)
+              "model.cms.lr")
 # Training keys outside RESUME_KEYS that a resume reports when they change.
 REPORTED_ON_RESUME = ("train.grad_clip_norm", "teach_signal", "teach_signal.*")
 
